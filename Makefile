@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make demo   set up (venv, packages, offline data) and run the main job on the embedded default
+#   make test   set up, start the services the tests need, lint, type-check and run the whole suite
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup data demo test lint typecheck pytest services bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.stamp-* && touch $@
+
+setup: $(STAMP) data
+
+data:
+	@bash scripts/fetch_data.sh data
+
+demo: setup
+	$(BIN)/python -m trainer --config tiny_cpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+services:
+	@bash scripts/services.sh start
+
+pytest: setup services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: setup lint typecheck pytest
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf outputs mlruns .pytest_cache .mypy_cache .ruff_cache

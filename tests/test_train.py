@@ -1,0 +1,183 @@
+"""Tiny CPU pretraining end to end: both methods, checkpoints, exact resume, exports, preemption, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, micro_overrides
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.export import export_checkpoint
+from trainer.presets import load_config
+from trainer.train import train
+
+PY = sys.executable
+
+
+def _steps(output_dir: Path) -> list[dict[str, float]]:
+    lines = (output_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "step"]
+
+
+@pytest.mark.parametrize("method", ["selfpatch", "dino"])
+def test_tiny_run_learns_and_writes_checkpoints(tmp_path: Path, method: str) -> None:
+    cfg = load_config(
+        "tiny_cpu",
+        micro_overrides(tmp_path, method, "optim.epochs=6", "optim.lr=0.005", "optim.freeze_last_layer=0"),
+    )
+    result = train(cfg)
+    assert result.status == "completed" and result.iteration == 6 * 8
+    steps = _steps(tmp_path)
+    first, last = steps[0]["train/loss"], sum(s["train/loss"] for s in steps[-3:]) / 3
+    assert last < first - 0.1, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    assert ("train/patch_loss" in steps[-1]) == (method == "selfpatch")
+    names = sorted(p.name for p in tmp_path.glob("checkpoint*.pth"))
+    assert names == ["checkpoint.pth"] + [f"checkpoint{e:04d}.pth" for e in range(6)]
+    state = load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
+    assert state["epoch"] == 6 and state["iteration"] == 48 and state["method"] == method
+    assert set(state["dino_loss"]) == ({"center", "patch_center"} if method == "selfpatch" else {"center"})
+    assert isinstance(state["config"], dict) and state["args"]["arch"] == "vit_tiny"
+    keys = {k.split(".")[0] for k in state["teacher"]}
+    assert keys == ({"backbone", "ca_head", "c_head", "p_head"} if method == "selfpatch" else {"backbone", "head"})
+    assert (tmp_path / "export" / "manifest.json").exists()
+
+
+def _run_micro(output_dir: Path, *extra: str) -> None:
+    train(load_config("tiny_cpu", micro_overrides(output_dir, "selfpatch", *extra)))
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run_micro(straight, "data.num_workers=1")
+    _run_micro(resumed, "stop_at_step=5", "data.num_workers=1")  # mid-epoch (8 steps per epoch)
+    mid = load_checkpoint(resumed / "checkpoint.pth")
+    assert mid["iteration"] == 5 and mid["epoch"] == 0
+    _run_micro(resumed, "data.num_workers=1")
+    a, b = load_checkpoint(straight / "checkpoint.pth"), load_checkpoint(resumed / "checkpoint.pth")
+    assert a["iteration"] == b["iteration"] == 16
+    for part in ("student", "teacher", "dino_loss"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), f"{part}.{key} differs after resume"
+    for pid, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+
+
+def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import load_file
+
+    from trainer.models.wrapper import build_model
+
+    for method in ("selfpatch", "dino"):
+        out = tmp_path / method
+        _run_micro(out, f"method={method}", "optim.epochs=1")
+        manifest = json.loads((out / "export" / "manifest.json").read_text())
+        model = timm.create_model(manifest["timm"]["model_name"], pretrained=False, **manifest["timm"]["kwargs"])
+        model.load_state_dict(load_file(out / "export" / "backbone.safetensors"), strict=True)
+        model.load_state_dict(torch.load(out / "export" / "backbone.pth", weights_only=True), strict=True)
+        mm = torch.load(out / "export" / "backbone_mm.pth", weights_only=True)
+        assert all(k.startswith("backbone.") for k in mm["state_dict"])
+        assert manifest["has_class_token"] == (method == "dino")
+        for entry in manifest["files"].values():
+            from trainer.checkpoint import sha256_file
+
+            assert sha256_file(out / "export" / entry["path"]) == entry["sha256"]
+
+        cfg = load_config("tiny_cpu", micro_overrides(out, method))
+        ours = build_model(cfg, student=False)
+        ours.load_state_dict(load_checkpoint(out / "checkpoint.pth")["teacher"])
+        x = torch.randn(2, 3, 32, 32)
+        model.eval()
+        ours.eval()
+        with torch.no_grad():
+            expected = ours.backbone.features(x)
+            got = model.forward_features(x)
+            got = got[:, 0] if method == "dino" else got
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused_clearly(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        export_checkpoint(corrupt, tmp_path / "out")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, foreign)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        export_checkpoint(foreign, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [PY, "-m", "trainer", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes(tmp_path: Path) -> None:
+    args = ["--config", "tiny_cpu", *micro_overrides(tmp_path, "selfpatch", "optim.epochs=40", "logging.log_every=1")]
+    proc = _cli(*args)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"step"' in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    state = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert 0 < state["iteration"] < 40 * 8
+    assert "interrupted" in err and "SIGTERM" in err
+    done = _cli(*args)
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 40 * 8
+
+
+def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
+    proc = _cli("--config", "tiny_cpu", "selfpatch.k=12", f"checkpoint.output_dir={tmp_path}")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "selfpatch.k" in err
+    proc = _cli("--config", "tiny_cpu", f"data.path={tmp_path / 'nowhere'}", f"checkpoint.output_dir={tmp_path}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "not found" in err.splitlines()[-1]
+    proc = _cli("--config", "tiny_cpu", "--dry-run")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "config_hash" in out and not (REPO / "outputs" / "tiny_cpu" / "x").exists()
+
+
+def test_two_process_gloo_run(tmp_path: Path) -> None:
+    torchrun = str(Path(PY).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29613",
+            "-m",
+            "trainer",
+            "--config",
+            "tiny_cpu",
+            *micro_overrides(tmp_path, "selfpatch", "optim.batch_size_per_gpu=4"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert state["world_size"] == 2 and state["iteration"] == 16  # 64 images / (2 x 4) per step, 2 epochs
+    assert all(torch.isfinite(t).all() for t in state["teacher"].values())
+    assert not torch.equal(state["dino_loss"]["center"], torch.zeros_like(state["dino_loss"]["center"]))

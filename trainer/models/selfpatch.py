@@ -1,0 +1,197 @@
+"""SelfPatch's positive matching and aggregation module (spec 2.3-2.4).
+
+The teacher picks, for every patch, the k neighbours in a window whose features are most similar, and
+summarises them with the same class-attention blocks that build the image-level token. Names follow
+the official `SelfPatchHead` (`cls_token`, `cls_blocks.{i}.attn.{q,k,v,proj}`, `norm`) so official
+checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from timm.layers.mlp import Mlp
+from timm.layers.weight_init import trunc_normal_
+from torch import nn
+
+from trainer.models.heads import init_linear
+
+
+@lru_cache(maxsize=64)
+def neighbor_index(height: int, width: int, window: int = 3, border: str = "wrap") -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours of every patch of a height x width grid (row-major), the patch itself excluded.
+
+    Returns `index` (N, window**2 - 1) and `valid` (N, window**2 - 1), each row in ascending index order
+    as the official `get_local_index` lists them. 'wrap' takes rows and columns modulo the grid (torus,
+    official); 'valid' keeps in-grid neighbours only and pads with index 0, valid=False.
+    """
+    if window % 2 == 0 or window < 3:
+        raise ValueError(f"window must be odd and >= 3, got {window}")
+    if border not in ("wrap", "valid"):
+        raise ValueError(f"border must be 'wrap' or 'valid', got {border!r}")
+    if border == "wrap" and min(height, width) < window:
+        raise ValueError(f"a {height}x{width} grid is smaller than the {window}x{window} window; use border='valid'")
+    half = window // 2
+    rows = torch.arange(height).view(height, 1, 1).expand(height, width, 1)
+    cols = torch.arange(width).view(1, width, 1).expand(height, width, 1)
+    d_row, d_col = torch.meshgrid(torch.arange(-half, half + 1), torch.arange(-half, half + 1), indexing="ij")
+    keep = ~((d_row == 0) & (d_col == 0))
+    d_row, d_col = d_row[keep].view(1, 1, -1), d_col[keep].view(1, 1, -1)
+    n_row, n_col = rows + d_row, cols + d_col
+    if border == "wrap":
+        index = (n_row % height) * width + n_col % width
+        valid = torch.ones_like(index, dtype=torch.bool)
+    else:
+        valid = (n_row >= 0) & (n_row < height) & (n_col >= 0) & (n_col < width)
+        index = torch.where(valid, n_row * width + n_col, torch.full_like(n_row, height * width))
+    index, valid = index.reshape(height * width, -1), valid.reshape(height * width, -1)
+    # ascending order per row; invalid entries (height*width) sort last, then become index 0
+    index, order = index.sort(dim=1)
+    valid = valid.gather(1, order)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    return index, valid
+
+
+def select_positives(
+    x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices (B, N, k) of each patch's k neighbours with the highest cosine similarity in x (B, N, C).
+
+    `valid` is None when every neighbour is real ('wrap' border). With a `valid` table, also returns a
+    boolean mask (B, N, k) of the picks that are real neighbours (fewer than k exist near corners).
+    """
+    x_norm = F.normalize(x, dim=-1)
+    similarity = torch.einsum("bnmc,bnc->bnm", x_norm[:, index], x_norm)
+    if valid is not None:
+        similarity = similarity.masked_fill(~valid, float("-inf"))
+    top = similarity.topk(k, dim=-1).indices  # (B, N, k) positions in the neighbour table
+    chosen = index.expand(x.shape[0], -1, -1).gather(2, top)
+    if valid is None:
+        return chosen, None
+    return chosen, valid.expand(x.shape[0], -1, -1).gather(2, top)
+
+
+class ClassAttention(nn.Module):
+    """Attention with a single query (the first token) over all tokens (CaiT / XCiT class attention)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query (B, 1, C), keys/values (B, T, C): all projected already, the query token's own key first."""
+        batch, tokens, dim = keys.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, -1, heads, dim // heads).transpose(1, 2)
+
+        attn_mask = None if key_mask is None else key_mask.view(batch, 1, 1, tokens)
+        out = F.scaled_dot_product_attention(split(query), split(keys), split(values), attn_mask=attn_mask)
+        projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(batch, 1, dim))
+        return projected
+
+
+class ClassAttentionBlock(nn.Module):
+    """y <- y + CA(LN1([y; X])); y <- y + MLP(LN2(y)). X is read, never updated; no LayerScale.
+
+    LayerNorm acts per token, so the keys and values of X can be projected once per patch and shared by
+    every query that attends to it (the image token and all patches that chose it as a positive).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ClassAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def key_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.norm1(x)
+        return self.attn.k(u), self.attn.v(u)
+
+    def attend(
+        self, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One block update of y (B, 1, C) given the projected keys/values (B, T, C) of the tokens it reads."""
+        shared = y.shape[0] > 1 and y.stride(0) == 0  # the same query for every row (the first block's q0)
+        u_y = self.norm1(y[:1] if shared else y)
+        q, k_y, v_y = self.attn.q(u_y), self.attn.k(u_y), self.attn.v(u_y)
+        if shared:
+            q, k_y, v_y = (t.expand(y.shape[0], -1, -1) for t in (q, k_y, v_y))
+        keys = torch.cat([k_y, keys], dim=1)
+        values = torch.cat([v_y, values], dim=1)
+        if key_mask is not None:  # the query token always attends to itself
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)
+        y = y + self.attn(q, keys, values, key_mask)
+        updated: torch.Tensor = y + self.mlp(self.norm2(y))
+        return updated
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(y, *self.key_values(x), key_mask)
+
+
+class AggregationHead(nn.Module):
+    """SelfPatch's `ca_head`: a learnable query and class-attention blocks shared by two paths.
+
+    Image path (student and teacher): the query attends to all patches, giving the image token.
+    Patch path (teacher, `match=True`): for every patch the query attends to its k positives, giving that
+    patch's target token. Output: LN([image token; patch tokens]) with one shared final LayerNorm; without
+    matching the patch tokens are the backbone's, only normed.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, k: int, window: int, border: str, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.k, self.window, self.border = k, window, border
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_blocks = nn.ModuleList(ClassAttentionBlock(dim, num_heads) for _ in range(num_blocks))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_linear)
+        self._tables: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def blocks(self) -> list[ClassAttentionBlock]:
+        return [cast(ClassAttentionBlock, block) for block in self.cls_blocks]
+
+    def neighbours(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The grid's neighbour table on `device` (valid mask None when all entries are real), cached."""
+        key = (grid[0], grid[1], device)
+        if key not in self._tables:
+            index, valid = neighbor_index(grid[0], grid[1], self.window, self.border)
+            mask = None if bool(valid.all()) else valid.to(device)
+            self._tables[key] = (index.to(device), mask)
+        return self._tables[key]
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], match: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: raw patch tokens (B, N, C). Returns the normed image token (B, C) and patch tokens (B, N, C)."""
+        batch, n_patches, dim = x.shape
+        image = self.cls_token.expand(batch, -1, -1)
+        if not match:
+            for block in self.cls_blocks:
+                image = block(x, image)
+            out = self.norm(torch.cat([image, x], dim=1))
+            return out[:, 0], out[:, 1:]
+        index, valid = self.neighbours(grid, x.device)
+        chosen, mask = select_positives(x, index, valid, self.k)  # (B, N, k)
+        rows = (chosen + torch.arange(batch, device=x.device).view(-1, 1, 1) * n_patches).reshape(-1)
+        key_mask = None if mask is None else mask.reshape(batch * n_patches, self.k)
+        summary = self.cls_token.expand(batch * n_patches, -1, -1)
+        for block in self.blocks:
+            keys, values = block.key_values(x)  # shared by both paths
+            image = block.attend(image, keys, values)
+            pos_keys = keys.reshape(-1, dim)[rows].view(batch * n_patches, self.k, dim)
+            pos_values = values.reshape(-1, dim)[rows].view(batch * n_patches, self.k, dim)
+            summary = block.attend(summary, pos_keys, pos_values, key_mask)
+        patches = summary.reshape(batch, n_patches, dim)
+        out = self.norm(torch.cat([image, patches], dim=1))
+        return out[:, 0], out[:, 1:]

@@ -1,0 +1,132 @@
+"""YAML presets in `configs/`, dotted `key=value` overrides, and one-line validation errors."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trainer.config import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `field` names the offending dotted key when one is to blame."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A preset name (`tiny_cpu`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{path.name}.yaml" if path.suffix == "" else CONFIG_DIR / path.name
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Load a YAML preset, following its optional `_base_` (a sibling preset it extends)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = read_yaml(resolve_preset(path.parent / base if not Path(base).is_absolute() else base))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> None:
+    """Refuse an override path that names no config field (typos must not pass silently)."""
+    current: type[BaseModel] | None = model
+    for depth, key in enumerate(path):
+        if current is None or key not in current.model_fields:
+            dotted = ".".join(path[: depth + 1])
+            choices = ", ".join(sorted(current.model_fields)) if current is not None else ""
+            raise ConfigError(
+                f"unknown config key {dotted!r}" + (f"; expected one of: {choices}" if choices else ""), field=dotted
+            )
+        annotation = current.model_fields[key].annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides; values are parsed as YAML (`crops.global_scale=[0.4,1.0]`)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        path = key.split(".")
+        _known_keys(TrainConfig, path)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def format_validation_error(error: ValidationError) -> tuple[str, str | None]:
+    """One line naming the first offending field, plus that field's dotted name."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if loc and not message.startswith(loc):
+        return f"{loc}: {message}{extra}", loc
+    return f"{message}{extra}", loc or None
+
+
+def validate_config(data: Mapping[str, Any]) -> TrainConfig:
+    """Validate a plain dict into a TrainConfig, raising ConfigError with a one-line reason."""
+    try:
+        return TrainConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        message, field = format_validation_error(exc)
+        raise ConfigError(message, field=field) from exc
+
+
+def load_config(preset: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Preset (name or path; None = built-in defaults) plus overrides, validated."""
+    data = read_yaml(resolve_preset(preset)) if preset is not None else {}
+    return validate_config(apply_overrides(data, overrides))
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,378 @@
+"""DINO and DINO+SelfPatch pretraining: one readable loop in the spirit of DINO's `main_dino.py`.
+
+Schedules are arrays indexed by the global iteration; every stateful piece (networks, optimiser, scaler,
+centers, RNGs, data position) is restored from one checkpoint dict, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.callbacks import CheckpointInfo, TrainCallback, TrainResult
+from trainer.checkpoint import (
+    FORMAT_VERSION,
+    LATEST,
+    capture_rng_state,
+    link_latest,
+    load_checkpoint,
+    numbered_name,
+    require_training_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    sha256_file,
+    strip_prefixes,
+)
+from trainer.config import TrainConfig
+from trainer.data.loader import build_loader
+from trainer.distributed import DistInfo, any_flag, barrier, cleanup, init_distributed
+from trainer.engine import Engine
+from trainer.preemption import PreemptionFlag
+from trainer.presets import ConfigError, dump_yaml, validate_config
+from trainer.schedules import Schedules
+from trainer.tracking import NullTracker, Tracker, build_tracker, git_commit
+
+log = logging.getLogger("trainer")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA device is available", field="device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision 'fp16' needs a CUDA device (use bf16 or fp32 on CPU)", field="precision")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def dino_args(cfg: TrainConfig) -> dict[str, Any]:
+    """The official main_dino.py / main_selfpatch.py flags equivalent to this config."""
+    args = {
+        "arch": cfg.model.arch,
+        "patch_size": cfg.model.patch_size,
+        "out_dim": cfg.head.out_dim,
+        "norm_last_layer": cfg.head.norm_last_layer,
+        "momentum_teacher": cfg.optim.momentum_teacher,
+        "use_bn_in_head": False,
+        "warmup_teacher_temp": cfg.loss.warmup_teacher_temp,
+        "teacher_temp": cfg.loss.teacher_temp,
+        "warmup_teacher_temp_epochs": cfg.loss.warmup_teacher_temp_epochs,
+        "use_fp16": cfg.precision in ("auto", "fp16"),
+        "weight_decay": cfg.optim.weight_decay,
+        "weight_decay_end": cfg.optim.weight_decay_end,
+        "clip_grad": cfg.optim.clip_grad,
+        "batch_size_per_gpu": cfg.optim.batch_size_per_gpu,
+        "epochs": cfg.optim.epochs,
+        "freeze_last_layer": cfg.optim.freeze_last_layer,
+        "lr": cfg.optim.lr,
+        "warmup_epochs": cfg.optim.warmup_epochs,
+        "min_lr": cfg.optim.min_lr,
+        "optimizer": cfg.optim.optimizer,
+        "drop_path_rate": cfg.model.drop_path_rate,
+        "global_crops_scale": list(cfg.crops.global_scale),
+        "local_crops_number": cfg.crops.local_number,
+        "local_crops_scale": list(cfg.crops.local_scale),
+        "data_path": str(cfg.data.path),
+        "output_dir": str(cfg.checkpoint.output_dir),
+        "saveckp_freq": cfg.checkpoint.saveckp_freq,
+        "seed": cfg.seed,
+        "num_workers": cfg.data.num_workers,
+    }
+    if cfg.method == "selfpatch":
+        args.update(out_dim_selfpatch=cfg.selfpatch.out_dim, k_num=cfg.selfpatch.k)
+    return args
+
+
+class JsonLog:
+    """JSON lines to output_dir/log.jsonl (always) and to stdout when no progress bar is shown."""
+
+    def __init__(self, path: Path, echo: bool) -> None:
+        self.path, self.echo = path, echo
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)
+
+
+class Meter:
+    """Running means of step metrics over a logging window and over the epoch."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[float]] = {}
+        self.epoch: dict[str, list[float]] = {}
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.window.setdefault(key, []).append(value)
+            self.epoch.setdefault(key, []).append(value)
+
+    def window_means(self) -> dict[str, float]:
+        means = {k: float(np.mean(v)) for k, v in self.window.items() if v}
+        self.window = {}
+        return means
+
+    def epoch_means(self) -> dict[str, float]:
+        means = {k: float(np.mean(v)) for k, v in self.epoch.items() if v}
+        self.epoch = {}
+        return means
+
+
+def train(config: TrainConfig | Mapping[str, Any], callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+    """Train (or resume) the run described by `config`; launchers call this directly."""
+    cfg = config if isinstance(config, TrainConfig) else validate_config(config)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        return _train(cfg, device, amp_dtype, info, list(callbacks) if info.is_main else [])
+    finally:
+        cleanup(info)
+
+
+def _train(
+    cfg: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    info: DistInfo,
+    callbacks: list[TrainCallback],
+) -> TrainResult:
+    out_dir = Path(cfg.checkpoint.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ============ data ============
+    loader, sampler = build_loader(cfg, info.rank, info.world_size, pin_memory=device.type == "cuda")
+    iters_per_epoch = sampler.batches_per_epoch
+    total_iters = cfg.optim.epochs * iters_per_epoch
+
+    # ============ student, teacher, loss, optimiser, schedules ============
+    engine = Engine.build(cfg, device, amp_dtype, info)
+    student, teacher, loss_fn = engine.student, engine.teacher, engine.loss_fn
+    optimizer, scaler = engine.optimizer, engine.scaler
+    schedules = Schedules.build(cfg, iters_per_epoch, info.world_size)
+
+    # ============ resume ============
+    iteration, mlflow_run_id = 0, cfg.logging.run_id
+    latest = out_dir / LATEST
+    if cfg.checkpoint.resume and latest.exists():
+        state = load_checkpoint(latest, map_location="cpu")
+        require_training_checkpoint(state, latest)
+        _warn_config_change(state, cfg)
+        student.load_state_dict(strip_prefixes(state["student"]))
+        teacher.load_state_dict(strip_prefixes(state["teacher"]))
+        optimizer.load_state_dict(state["optimizer"])
+        loss_fn.load_state_dict(state["dino_loss"])
+        if scaler is not None and state.get("fp16_scaler"):
+            scaler.load_state_dict(state["fp16_scaler"])
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+        iteration = int(state["iteration"])
+        mlflow_run_id = mlflow_run_id or state.get("mlflow_run_id")
+        log.info("resumed from %s at iteration %d", latest, iteration)
+    if iteration >= total_iters:
+        log.info("%s is already complete (%d iterations)", out_dir, iteration)
+
+    # ============ logging ============
+    if info.is_main:
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (out_dir / "config_hash.txt").write_text(cfg.config_hash() + "\n")
+    tracker: Tracker = NullTracker()
+    if info.is_main and cfg.logging.mlflow:
+        logging_cfg = cfg.logging.model_copy(update={"run_id": mlflow_run_id})
+        tracker = build_tracker(cfg.model_copy(update={"logging": logging_cfg}), True)
+        if iteration == 0:
+            tracker.log_artifact(out_dir / "config.yaml")
+    interactive = cfg.logging.progress == "on" or (cfg.logging.progress == "auto" and sys.stderr.isatty())
+    jsonl = JsonLog(out_dir / "log.jsonl", echo=info.is_main and not interactive)
+    for cb in callbacks:
+        cb.on_start(
+            {
+                "output_dir": str(out_dir),
+                "iteration": iteration,
+                "total_iterations": total_iters,
+                "mlflow_run_id": tracker.run_id,
+                "config_hash": cfg.config_hash(),
+            }
+        )
+
+    commit = git_commit() if info.is_main else None
+    last_metrics: dict[str, float] = {}
+
+    def save(kind: str, epoch_done: int, numbered: bool = False) -> CheckpointInfo | None:
+        """Every rank reaches here; rank 0 writes checkpoint.pth (and a numbered copy)."""
+        if not info.is_main:
+            return None
+        state = {
+            "format_version": FORMAT_VERSION,
+            "method": cfg.method,
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": iteration // iters_per_epoch,
+            "iteration": iteration,
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": cfg.config_hash(),
+            "args": dino_args(cfg),
+            "dino_loss": loss_fn.state_dict(),
+            "fp16_scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": capture_rng_state(),
+            "metrics": last_metrics,
+            "mlflow_run_id": tracker.run_id,
+            "git_commit": commit,
+            "world_size": info.world_size,
+        }
+        target = out_dir / (numbered_name(epoch_done - 1) if numbered else LATEST)
+        save_checkpoint(state, target)
+        if numbered:  # the same bytes under checkpoint.pth, through a hard link renamed into place
+            link_latest(target, out_dir / LATEST)
+        ckpt = CheckpointInfo(target, epoch_done, iteration, sha256_file(target), kind)
+        jsonl.write(
+            {"event": "checkpoint", "path": str(target), "epoch": epoch_done, "iteration": iteration, "kind": kind}
+        )
+        for cb in callbacks:
+            cb.on_checkpoint(ckpt)
+        return ckpt
+
+    # ============ training ============
+    stop_at = cfg.stop_at_step
+    result_status, reason = "completed", None
+    meter = Meter()
+    start_time = time.time()
+    with PreemptionFlag() as preemption:
+        start_epoch = iteration // iters_per_epoch
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            sampler.set_epoch(epoch, start_batch=iteration - epoch * iters_per_epoch)
+            temp = float(schedules.teacher_temp[epoch])
+            batches: Any = loader
+            if interactive and info.is_main:
+                from tqdm import tqdm
+
+                batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True)
+            step_start = time.perf_counter()
+            for crops, _labels in batches:
+                it = iteration
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                batch = crops[0].shape[0]
+                step = engine.step(
+                    crops,
+                    epoch=epoch,
+                    lr=float(schedules.lr[it]),
+                    weight_decay=float(schedules.weight_decay[it]),
+                    momentum=float(schedules.momentum[it]),
+                    temp=temp,
+                )
+                iteration += 1
+
+                now = time.perf_counter()
+                values = {"loss": step.loss, "cls_loss": step.cls_loss}
+                if step.patch_loss is not None:
+                    values["patch_loss"] = step.patch_loss
+                meter.add(img_per_s=batch * info.world_size / max(now - step_start, 1e-9), **values)
+                step_start = now
+                if info.is_main and (iteration % cfg.logging.log_every == 0 or iteration == total_iters):
+                    metrics = {f"train/{k}": v for k, v in meter.window_means().items()}
+                    metrics.update(
+                        {
+                            "train/lr": float(schedules.lr[it]),
+                            "train/wd": float(schedules.weight_decay[it]),
+                            "train/momentum": float(schedules.momentum[it]),
+                            "train/teacher_temp": temp,
+                            "epoch": iteration / iters_per_epoch,
+                        }
+                    )
+                    last_metrics = metrics
+                    tracker.log_metrics(metrics, step=iteration)
+                    jsonl.write({"event": "step", "iteration": iteration, **metrics})
+                    for cb in callbacks:
+                        cb.on_log(iteration, metrics)
+                    if interactive:
+                        batches.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+
+                stop_requested = any_flag(preemption.requested, info, device)
+                if stop_requested or (stop_at is not None and iteration >= stop_at):
+                    reason = f"signal {preemption.signal_name}" if stop_requested else f"stop_at_step={stop_at}"
+                    result_status = "interrupted"
+                    break
+                every = cfg.checkpoint.every_n_steps
+                if every and iteration % every == 0 and iteration % iters_per_epoch:
+                    save("step", iteration // iters_per_epoch)
+            if result_status == "interrupted":
+                break
+
+            # ============ end of epoch: log and checkpoint ============
+            epoch_stats = {f"train_{k}": v for k, v in meter.epoch_means().items()}
+            epoch_done = epoch + 1
+            freq = cfg.checkpoint.saveckp_freq
+            numbered = bool(freq) and (epoch % freq == 0 or epoch_done == cfg.optim.epochs)
+            save("epoch", epoch_done, numbered=numbered)
+            jsonl.write(
+                {
+                    "event": "epoch",
+                    "epoch": epoch_done,
+                    "iteration": iteration,
+                    "elapsed_s": round(time.time() - start_time, 2),
+                    **epoch_stats,
+                }
+            )
+
+    # ============ finish ============
+    checkpoint_path: Path | None = latest if latest.exists() else None
+    manifest_path = None
+    if result_status == "interrupted":
+        save("interrupt", iteration // iters_per_epoch)
+        log.warning("stopped at iteration %d (%s); checkpoint %s", iteration, reason, latest)
+    elif info.is_main and checkpoint_path is not None:
+        from trainer.export import MANIFEST, export_checkpoint
+
+        export_checkpoint(checkpoint_path, out_dir / "export")
+        manifest_path = out_dir / "export" / MANIFEST
+        tracker.log_artifact(manifest_path)
+    barrier(info)
+    tracker.finish("KILLED" if result_status == "interrupted" else "FINISHED")
+    result = TrainResult(
+        status=result_status,
+        epoch=iteration // iters_per_epoch,
+        iteration=iteration,
+        checkpoint=checkpoint_path if checkpoint_path is None or checkpoint_path.exists() else None,
+        metrics=last_metrics,
+        mlflow_run_id=tracker.run_id,
+        manifest=manifest_path,
+        reason=reason,
+    )
+    for cb in callbacks:
+        cb.on_end(result)
+    return result
+
+
+def _warn_config_change(state: Mapping[str, Any], cfg: TrainConfig) -> None:
+    if state.get("config_hash") and state["config_hash"] != cfg.config_hash():
+        try:
+            old = validate_config(state["config"]).hashed_dict()
+        except ConfigError:
+            old = {}
+        new = cfg.hashed_dict()
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        log.warning("resuming with a changed config (sections: %s)", ", ".join(changed) or "?")
