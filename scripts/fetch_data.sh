@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Fetch real offline data from Debian packages without installing them (apt-get download + dpkg-deb -x).
 #   scripts/fetch_data.sh [DATA_DIR]     default DATA_DIR=data
-# Gives DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (70,000 real images, MIT).
+# Gives DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (70,000 real images, MIT),
+# and DATA_DIR/composite-sources/ (real photos for the evaluator's synthetic composites, GPL-2).
 set -euo pipefail
 DATA_DIR="${1:-${DATA_DIR:-data}}"
+bash "$(dirname "$0")/fetch_composite_sources.sh" "$DATA_DIR"
 PKG=dataset-fashion-mnist
 dest="$DATA_DIR/fashion-mnist"
 if [ -s "$dest/train-images-idx3-ubyte.gz" ] && [ -s "$dest/t10k-labels-idx1-ubyte.gz" ]; then
