@@ -49,15 +49,20 @@ def test_hash_ignores_where_results_go_but_not_what_is_computed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "field", "words"),
     [
-        (["selfpatch.k=9"], "selfpatch", "cannot exceed the 8 neighbours"),
+        (["selfpatch.k=9"], "selfpatch.k", "cannot exceed the 8 neighbours"),
         (["selfpatch.k=0"], "selfpatch.k", "greater than or equal to 1"),
         (["selfpatch.window=4"], "selfpatch.window", "must be odd"),
-        (["crops.global_size=30"], "crops", "crops.global_size (30) must be a multiple of model.patch_size (4)"),
+        (
+            ["crops.global_size=30"],
+            "crops.global_size",
+            "crops.global_size (30) must be a multiple of model.patch_size (4)",
+        ),
         (["crops.local_scale=[0.5, 0.1]"], "crops.local_scale", "0 < low <= high <= 1"),
         (["optim.lr=-1"], "optim.lr", "greater than 0"),
         (["optim.epochs=abc"], "optim.epochs", "valid integer"),
         (["model.arch=vit_huge"], "model.arch", "vit_tiny"),
-        (["crops.local_size=8"], "crops", "border 'wrap' needs"),
+        (["crops.local_size=8"], "crops.local_size", "border 'wrap' needs"),
+        (["optim.warmup_epochs=500"], "optim.warmup_epochs", "exceeds optim.epochs (5)"),
     ],
 )
 def test_bad_values_name_the_field(overrides: list[str], field: str, words: str) -> None:

@@ -116,6 +116,19 @@ class CropsConfig(_Section):
         (0.05, 0.25), description="RandomResizedCrop scale of local crops (SelfPatch: 0.05-0.25; DINO: 0.05-0.4)."
     )
 
+    blur_radius: tuple[float, float] = Field(
+        (0.1, 2.0),
+        description="Gaussian-blur radius range in pixels (official: 0.1-2.0, set for 224-px crops). Smaller "
+        "crops may scale it down (deviation).",
+    )
+
+    @field_validator("blur_radius")
+    @classmethod
+    def _radius_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] <= value[1]:
+            raise ValueError(f"crops.blur_radius must satisfy 0 <= low <= high, got {list(value)}")
+        return value
+
     @field_validator("global_scale", "local_scale")
     @classmethod
     def _scale_range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
@@ -228,12 +241,13 @@ class TrainConfig(_Section):
                 raise ValueError(f"crops.{name} ({size}) must be a multiple of model.patch_size ({patch})")
         selfpatch = info.data.get("selfpatch")
         if info.data.get("method") == "selfpatch" and selfpatch is not None and selfpatch.border == "wrap":
-            sizes = [crops.global_size] + ([crops.local_size] if crops.local_number else [])
-            for size in sizes:
-                if size // patch < selfpatch.window:
+            names = ["global_size"] + (["local_size"] if crops.local_number else [])
+            for name in names:
+                side = getattr(crops, name) // patch
+                if side < selfpatch.window:
                     raise ValueError(
-                        f"a {size}px crop gives a {size // patch}x{size // patch} grid, smaller than the "
-                        f"selfpatch.window ({selfpatch.window}) that border 'wrap' needs; use border=valid"
+                        f"crops.{name} ({getattr(crops, name)}) gives a {side}x{side} patch grid, smaller than the "
+                        f"selfpatch.window ({selfpatch.window}) that border 'wrap' needs; use selfpatch.border=valid"
                     )
         return crops
 

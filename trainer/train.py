@@ -249,9 +249,8 @@ def _train(
         if numbered:  # the same bytes under checkpoint.pth, through a hard link renamed into place
             link_latest(target, out_dir / LATEST)
         ckpt = CheckpointInfo(target, epoch_done, iteration, sha256_file(target), kind)
-        jsonl.write(
-            {"event": "checkpoint", "path": str(target), "epoch": epoch_done, "iteration": iteration, "kind": kind}
-        )
+        record = {"event": "checkpoint", "path": str(target), "epoch": epoch_done, "iteration": iteration}
+        jsonl.write({**record, "kind": kind, "sha256": ckpt.sha256})
         for cb in callbacks:
             cb.on_checkpoint(ckpt)
         return ckpt

@@ -1,0 +1,113 @@
+"""Typed dependencies: the service state, a database session, and who is calling."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from orchestrator.db.session import Database
+from orchestrator.launchers import Launchers
+from orchestrator.mlflow_bridge import MlflowBridge
+from orchestrator.settings import Settings, parse_tokens
+
+Role = Literal["read", "admin"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: Role
+
+
+class AppState:
+    """Everything a request handler needs, built once per application."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_url)
+        self.launchers = Launchers(settings)
+        self.mlflow = MlflowBridge(settings.tracking_uri, settings.mlflow_ui_url)
+        self.tokens: dict[str, Principal] = {}
+        for token, name in parse_tokens(settings.read_tokens).items():
+            self.tokens[token] = Principal(name, "read")
+        for token, name in parse_tokens(settings.admin_tokens).items():
+            self.tokens[token] = Principal(name, "admin")
+        if not self.tokens:  # embedded default: one admin token, generated once, readable by the CLI
+            self.tokens[ensure_admin_token(settings.home)] = Principal("admin", "admin")
+
+        self.reconciler_thread: threading.Thread | None = None
+
+    def reconciler_alive(self) -> bool | None:
+        """None when this process runs no reconciler (`orchestrator scheduler` runs it elsewhere)."""
+        return None if self.reconciler_thread is None else self.reconciler_thread.is_alive()
+
+    def principal(self, token: str) -> Principal | None:
+        for known, principal in self.tokens.items():
+            if hmac.compare_digest(known, token):
+                return principal
+        return None
+
+
+def admin_token_path(home: Path) -> Path:
+    return home / "admin.token"
+
+
+def ensure_admin_token(home: Path) -> str:
+    path = admin_token_path(home)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.orch
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    """A read session; writes go through `state.db.transaction()` so they commit atomically."""
+    with state.db.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+bearer = HTTPBearer(auto_error=False, description="An admin or read-only token (Authorization: Bearer ...).")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def bearer_token(credentials: Credentials) -> str:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    return credentials.credentials
+
+
+def current_principal(state: StateDep, token: Annotated[str, Depends(bearer_token)]) -> Principal:
+    principal = state.principal(token)
+    if principal is None:
+        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+def admin_principal(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if principal.role != "admin":
+        raise HTTPException(403, f"token {principal.name!r} is read-only")
+    return principal
+
+
+Reader = Annotated[Principal, Depends(current_principal)]
+Admin = Annotated[Principal, Depends(admin_principal)]
+RunToken = Annotated[str, Depends(bearer_token)]

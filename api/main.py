@@ -1,0 +1,71 @@
+"""The FastAPI application: REST API under /api/v1, problem+json errors, optional in-process reconciler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from api import problems
+from api.deps import AppState
+from api.routes import experiments, health, runs
+from orchestrator.db.migrate import upgrade
+from orchestrator.reconciler import Reconciler
+from orchestrator.settings import Settings
+
+DESCRIPTION = """
+Pretraining runs of DINO and DINO+SelfPatch, recorded in SQL and launched locally, on SLURM or on Ray.
+
+* Authenticate with `Authorization: Bearer <token>`: admin tokens may submit and cancel, read-only
+  tokens may look. Only `/healthz` and `/readyz` are open.
+* Every creating POST accepts an `Idempotency-Key` header: a retried submit never launches twice.
+* Errors are RFC 9457 `application/problem+json`; a 422 names the offending field (`errors[].field`).
+* Lists use cursors: pass `next_page_token` back as `page_token` until it is null.
+* Run lifecycle: queued -> submitted -> running -> (preempted -> requeued -> running)* ->
+  succeeded | failed | cancelled. Terminal states never change.
+"""
+
+
+def create_app(settings: Settings | None = None, *, run_reconciler: bool = False) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upgrade(settings.db_url)  # migrations are applied on start
+        state = AppState(settings)
+        app.state.orch = state
+        stop = threading.Event()
+        if run_reconciler:
+            reconciler = Reconciler(settings, state.db, state.launchers, state.mlflow)
+            state.reconciler_thread = threading.Thread(
+                target=reconciler.run_forever, args=(stop,), name="reconciler", daemon=True
+            )
+            state.reconciler_thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if state.reconciler_thread is not None:
+                state.reconciler_thread.join(timeout=30)
+            state.db.dispose()
+
+    app = FastAPI(
+        title="SelfPatch Orchestrator",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "runs", "description": "Pretraining runs and their attempts, checkpoints and events."},
+            {"name": "experiments", "description": "Named groups of runs."},
+            {"name": "health", "description": "Liveness and readiness (no token needed)."},
+        ],
+    )
+    problems.install(app)
+    v1 = APIRouter(prefix="/api/v1")
+    v1.include_router(runs.router)
+    v1.include_router(experiments.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,396 @@
+"""The `orchestrator` command line: serve the service, submit and follow runs, export checkpoints.
+
+Every command that reads state talks to the REST API (`--url`, `$ORCH_URL`) with a token (`--token`,
+`$ORCH_TOKEN`, or the admin token the embedded service wrote to `.orchestrator/admin.token`).
+`--output json` prints machine-readable JSON; a failure prints one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.client import DEFAULT_URL, ApiError, Client, default_token
+
+app = typer.Typer(
+    name="orchestrator",
+    help="Run DINO / SelfPatch pretraining as a service: submit, follow, cancel, retry, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+runs_app = typer.Typer(help="List, show, follow, cancel and retry runs.", no_args_is_help=True)
+ckpt_app = typer.Typer(help="Checkpoint tools.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(ckpt_app, name="ckpt")
+
+Url = Annotated[str, typer.Option("--url", envvar="ORCH_URL", help="Service URL.")]
+Token = Annotated[str | None, typer.Option("--token", envvar="ORCH_TOKEN", help="Bearer token.", show_default=False)]
+Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def client(url: str, token: str | None) -> Client:
+    return Client(url, token or default_token())
+
+
+def emit(data: Any, output: str, text: str) -> None:
+    if output == "json":
+        typer.echo(json.dumps(data, indent=2, default=str))
+    else:
+        typer.echo(text)
+
+
+def run_line(run: dict[str, Any]) -> str:
+    progress = run.get("progress") or {}
+    done, total = progress.get("iteration"), progress.get("total_iterations")
+    steps = f"{done}/{total}" if done is not None and total else "-"
+    return f"{run['id']}  {run['status']:<10} {run['launcher']:<7} {steps:>11}  {run['name']}"
+
+
+# ------------------------------------------------------------------------------------------- service
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    reconciler: Annotated[bool, typer.Option(help="Run the reconciler in this process.")] = True,
+) -> None:
+    """Run the REST API (and, by default, the reconciler). Applies database migrations first."""
+    import uvicorn
+
+    from api.main import create_app
+    from orchestrator.settings import Settings
+
+    settings = Settings(api_url=os.environ.get("ORCH_API_URL", f"http://{host}:{port}"))
+    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, log_level="info")
+
+
+@app.command()
+def scheduler() -> None:
+    """Run the reconciler alone (when the API runs elsewhere, or several API replicas share one)."""
+    import logging
+    import signal
+    import threading
+
+    from orchestrator.db.migrate import upgrade
+    from orchestrator.db.session import Database
+    from orchestrator.mlflow_bridge import MlflowBridge
+    from orchestrator.reconciler import Reconciler
+    from orchestrator.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    upgrade(settings.db_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reconciler = Reconciler(settings, Database(settings.db_url), mlflow=MlflowBridge(settings.tracking_uri))
+    with contextlib.suppress(KeyboardInterrupt):
+        reconciler.run_forever(stop)
+
+
+# ------------------------------------------------------------------------------------------- submit
+
+
+def submission(
+    config: str,
+    overrides: list[str],
+    experiment: str,
+    name: str | None,
+    launcher: str | None,
+    resources: dict[str, Any],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"experiment": experiment, "overrides": overrides, "resources": resources}
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") and path.exists():  # a local file: send it resolved
+        from trainer.presets import ConfigError, load_config
+
+        try:
+            body["config"] = load_config(path, []).model_dump(mode="json")
+        except ConfigError as exc:
+            fail(str(exc), 2)
+    else:
+        body["preset"] = config
+    if name:
+        body["name"] = name
+    if launcher:
+        body["launcher"] = launcher
+    return body
+
+
+@app.command()
+def submit(
+    config: Annotated[str, typer.Argument(help="Preset name (configs/*.yaml) or a YAML file.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides: selfpatch.k=4 optim.epochs=10")
+    ] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment (created if new).")] = "default",
+    name: Annotated[str | None, typer.Option(help="Run name.")] = None,
+    launcher: Annotated[str | None, typer.Option(help="local, slurm, ray or dryrun.")] = None,
+    nodes: Annotated[int, typer.Option(help="Nodes.")] = 1,
+    gpus: Annotated[int, typer.Option(help="GPUs per node.")] = 0,
+    cpus: Annotated[int, typer.Option(help="CPU cores per task.")] = 2,
+    mem_gb: Annotated[float, typer.Option(help="Memory per node (GiB).")] = 4.0,
+    time_min: Annotated[int, typer.Option(help="Wall-time limit (minutes).")] = 60,
+    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
+    account: Annotated[str | None, typer.Option(help="SLURM account.")] = None,
+    qos: Annotated[str | None, typer.Option(help="SLURM QoS.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Render the submission; change nothing.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow the run until it ends.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="Safe retries: same key, same run.")] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Submit a pretraining run. Returns at once (202 queued) unless --follow."""
+    resources: dict[str, Any] = {
+        "nodes": nodes,
+        "gpus_per_node": gpus,
+        "cpus_per_task": cpus,
+        "mem_gb": mem_gb,
+        "time_min": time_min,
+    }
+    for key, value in (("partition", partition), ("account", account), ("qos", qos)):
+        if value:
+            resources[key] = value
+    body = submission(config, overrides or [], experiment, name, launcher, resources)
+    with client(url, token) as api:
+        try:
+            result = api.submit(body, dry_run=dry_run, idempotency_key=idempotency_key)
+        except ApiError as exc:
+            fail(str(exc), 2 if exc.status in (400, 422) else 1)
+        if dry_run:
+            emit(
+                result,
+                output,
+                f"# launcher: {result['launcher']}  config_hash: {result['config_hash']}\n{result['rendered']}",
+            )
+            return
+        emit(result, output, f"submitted {result['id']} ({result['name']}), status {result['status']}")
+        if follow:
+            final = follow_run(api, result["id"], quiet=output == "json")
+            if output == "json":
+                emit(final, output, "")
+            if final["status"] != "succeeded":
+                raise typer.Exit(1)
+
+
+def follow_run(api: Client, run_id: str, quiet: bool = False, poll_s: float = 2.0) -> dict[str, Any]:
+    """Rich progress until the run is terminal; returns the final run."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=quiet)
+    with Progress(
+        TextColumn("[bold]{task.fields[status]:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("run", total=None, status="queued", loss="")
+        while True:
+            try:
+                run = api.run(run_id)
+            except ApiError as exc:
+                if exc.status == 0:  # service restarting: keep following
+                    time.sleep(poll_s)
+                    continue
+                raise
+            info = run.get("progress") or {}
+            metrics = info.get("metrics") or {}
+            loss = f"loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else ""
+            progress.update(
+                task,
+                total=info.get("total_iterations"),
+                completed=info.get("iteration") or 0,
+                status=run["status"],
+                loss=loss,
+            )
+            if run["status"] in TERMINAL:
+                break
+            time.sleep(poll_s)
+    if not quiet:
+        checkpoints = api.checkpoints(run_id)
+        console.print(f"{run['status']}: {run.get('status_reason') or ''}")
+        for c in checkpoints:
+            console.print(f"  checkpoint epoch {c['epoch']:>3} step {c['step']:>6}  {c['path']}  {c['sha256'][:12]}")
+        if run.get("mlflow_url"):
+            console.print(f"  MLflow: {run['mlflow_url']}")
+        elif run.get("mlflow_run_id"):
+            console.print(f"  MLflow run id: {run['mlflow_run_id']}")
+    result: dict[str, Any] = run
+    return result
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[list[str] | None, typer.Option(help="Filter by status (repeatable).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="Filter by experiment.")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Runs, newest first."""
+    with client(url, token) as api:
+        try:
+            page = api.runs(page_size=limit, status=status, experiment=experiment)
+        except ApiError as exc:
+            fail(str(exc))
+    emit(page, output, "\n".join(run_line(r) for r in page["items"]) or "no runs")
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """One run with its attempts and checkpoints."""
+    with client(url, token) as api:
+        try:
+            run = api.run(run_id)
+            run["checkpoints"] = api.checkpoints(run_id)
+        except ApiError as exc:
+            fail(str(exc))
+    lines = [run_line(run), f"  reason: {run.get('status_reason')}", f"  config hash: {run['config_hash']}"]
+    lines += [
+        f"  attempt {a['number']}: {a['backend']} job {a['backend_job_id']} {a['state']} "
+        f"host={a['host']} exit={a['exit_code']} {a['exit_reason'] or ''}"
+        for a in run["attempts"]
+    ]
+    lines += [f"  checkpoint epoch {c['epoch']} step {c['step']} {c['path']}" for c in run["checkpoints"]]
+    if run.get("mlflow_url") or run.get("mlflow_run_id"):
+        lines.append(f"  MLflow: {run.get('mlflow_url') or run['mlflow_run_id']}")
+    emit(run, output, "\n".join(lines))
+
+
+@runs_app.command("logs")
+def runs_logs(
+    run_id: str,
+    tail: Annotated[int, typer.Option(help="Lines.")] = 200,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Tail of the latest attempt's log."""
+    with client(url, token) as api:
+        try:
+            text = api.logs(run_id, tail)
+        except ApiError as exc:
+            fail(str(exc))
+    emit({"run_id": run_id, "log": text}, output, text.rstrip("\n"))
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Cancel a run (its job is stopped)."""
+    with client(url, token) as api:
+        try:
+            run = api.cancel(run_id)
+        except ApiError as exc:
+            fail(str(exc))
+    emit(run, output, f"{run['id']} {run['status']}")
+
+
+@runs_app.command("retry")
+def runs_retry(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Submit a finished run again as a new run with the same config."""
+    with client(url, token) as api:
+        try:
+            run = api.retry(run_id)
+        except ApiError as exc:
+            fail(str(exc))
+    emit(run, output, f"submitted {run['id']} (retry of {run_id}), status {run['status']}")
+
+
+@runs_app.command("follow")
+def runs_follow(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Follow a run until it ends; exit code 0 only if it succeeded."""
+    with client(url, token) as api:
+        try:
+            final = follow_run(api, run_id, quiet=output == "json")
+        except ApiError as exc:
+            fail(str(exc))
+    if output == "json":
+        emit(final, output, "")
+    if final["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+@ckpt_app.command("export")
+def ckpt_export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the exports and manifest.json.")],
+    formats: Annotated[
+        str, typer.Option(help="Comma-separated: torch,safetensors,mm,dino.")
+    ] = "torch,safetensors,mm,dino",
+    output: Output = "text",
+) -> None:
+    """Export the teacher backbone (timm, safetensors, mmdet/mmseg, DINO-eval), each verified by a strict load."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import export_checkpoint
+
+    try:
+        manifest = export_checkpoint(checkpoint, out_dir, tuple(f for f in formats.split(",") if f))
+    except (CheckpointError, ValueError) as exc:
+        fail(str(exc), 2)
+    lines = [f"{fmt:12s} {out_dir / e['path']}  sha256={e['sha256'][:16]}" for fmt, e in manifest["files"].items()]
+    emit(manifest, output, "\n".join([*lines, f"manifest     {out_dir / 'manifest.json'}"]))
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="Preset to run.")] = "tiny_cpu",
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the embedded service.")] = 8000,
+) -> None:
+    """The whole loop on the embedded default: start the service (SQLite, local launcher, local MLflow),
+    submit a run over REST, follow it to the end, print its checkpoints and MLflow link, stop."""
+    from orchestrator.embedded import EmbeddedService
+
+    with EmbeddedService(port=port) as service:
+        typer.echo(
+            f"service {service.url} (database {service.settings.db_url}, MLflow {service.settings.tracking_uri})"
+        )
+        with Client(service.url, service.token) as api:
+            run = api.submit(
+                {"experiment": "demo", "preset": preset, "overrides": overrides or [], "launcher": "local"}
+            )
+            typer.echo(f"submitted run {run['id']} ({run['name']})")
+            final = follow_run(api, run["id"])
+    typer.echo(f"browse it: mlflow ui --backend-store-uri {service.settings.tracking_uri}")
+    if final["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

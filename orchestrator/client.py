@@ -1,0 +1,99 @@
+"""A small typed client of the REST API (used by the CLI, the demo and the tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(RuntimeError):
+    """A problem+json reply, reduced to one line."""
+
+    def __init__(self, status: int, body: dict[str, Any] | str) -> None:
+        self.status, self.body = status, body
+        if isinstance(body, dict):
+            detail = body.get("detail") or body.get("title") or "error"
+            fields = [e.get("field") for e in body.get("errors", []) if e.get("field")]
+            field = f" [field: {fields[0]}]" if fields and fields[0] not in str(detail) else ""
+            message = f"HTTP {status}: {detail}{field}"
+        else:
+            message = f"HTTP {status}: {body[:200]}"
+        super().__init__(message)
+
+
+def default_token(home: Path | None = None) -> str | None:
+    if os.environ.get("ORCH_TOKEN"):
+        return os.environ["ORCH_TOKEN"]
+    path = (home or Path(os.environ.get("ORCH_HOME", ".orchestrator"))) / "admin.token"
+    return path.read_text().strip() if path.exists() else None
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach {self.http.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                body: dict[str, Any] | str = response.json()
+            except ValueError:
+                body = response.text
+            raise ApiError(response.status_code, body)
+        if response.status_code == 204 or not response.content:
+            return None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    # ---- runs
+    def submit(self, body: dict[str, Any], *, dry_run: bool = False, idempotency_key: str | None = None) -> Any:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/api/v1/runs", json=body, params={"dry_run": dry_run}, headers=headers)
+
+    def runs(self, **params: Any) -> Any:
+        return self.request("GET", "/api/v1/runs", params={k: v for k, v in params.items() if v is not None})
+
+    def run(self, run_id: str) -> Any:
+        return self.request("GET", f"/api/v1/runs/{run_id}")
+
+    def cancel(self, run_id: str) -> Any:
+        return self.request("POST", f"/api/v1/runs/{run_id}/cancel")
+
+    def retry(self, run_id: str) -> Any:
+        return self.request("POST", f"/api/v1/runs/{run_id}/retry")
+
+    def checkpoints(self, run_id: str) -> Any:
+        return self.request("GET", f"/api/v1/runs/{run_id}/checkpoints")
+
+    def events(self, run_id: str, page_token: str | None = None) -> Any:
+        params = {"page_token": page_token} if page_token else {}
+        return self.request("GET", f"/api/v1/runs/{run_id}/events", params=params)
+
+    def logs(self, run_id: str, tail: int = 200) -> str:
+        text: str = self.request("GET", f"/api/v1/runs/{run_id}/logs", params={"tail": tail}) or ""
+        return text
+
+    def ready(self) -> bool:
+        try:
+            return self.http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False

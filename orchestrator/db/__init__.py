@@ -1,0 +1,1 @@
+"""SQL records of the orchestrator (SQLAlchemy 2, Alembic)."""

@@ -1,0 +1,65 @@
+"""MLflow as the deep-dive view: one MLflow run per orchestrator run, ids stored in SQL (the source of truth)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from orchestrator.lifecycle import RunStatus
+
+log = logging.getLogger(__name__)
+
+#: How our terminal states show in MLflow.
+MLFLOW_STATUS = {RunStatus.SUCCEEDED: "FINISHED", RunStatus.FAILED: "FAILED", RunStatus.CANCELLED: "KILLED"}
+
+
+class MlflowBridge:
+    def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.ui_url = ui_url.rstrip("/") if ui_url else None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def experiment_id(self, name: str) -> str:
+        """Look the experiment up by name, creating it if needed (never assume a name is free: mlflow#2651)."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return str(found.experiment_id)
+        artifacts = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            folder = Path(self.tracking_uri.removeprefix("sqlite:///")).parent
+            artifacts = (folder / "artifacts").as_uri()
+        try:
+            return str(self.client.create_experiment(name, artifact_location=artifacts))
+        except Exception:  # created concurrently by another process
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        return str(run.info.run_id)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def terminate(self, run_id: str, status: RunStatus) -> None:
+        if status in MLFLOW_STATUS:
+            self.client.set_terminated(run_id, MLFLOW_STATUS[status])
+
+    def run_url(self, experiment_id: str | None, run_id: str | None) -> str | None:
+        if not (self.ui_url and experiment_id and run_id):
+            return None
+        return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"

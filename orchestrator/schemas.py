@@ -1,0 +1,170 @@
+"""Request and response models of the orchestrator: one source of truth for the REST API and the CLI.
+
+The run config inside a request is `trainer.config.TrainConfig`, the class the trainer itself validates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.launchers.base import Resources
+from orchestrator.lifecycle import RunStatus
+from trainer.config import TrainConfig
+
+LauncherName = Literal["local", "slurm", "ray", "dryrun"]
+T = TypeVar("T")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExperimentCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/\-]*$")
+    description: str = Field("", max_length=10_000)
+    eval_policy: dict[str, Any] = Field(default_factory=dict, description="Which benchmarks run on which checkpoints.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "selfpatch/in1k", "description": "ViT-S/16 ablations"}]},
+    )
+
+
+class ExperimentPublic(BaseModel):
+    id: uuid.UUID
+    name: str
+    description: str
+    eval_policy: dict[str, Any]
+    mlflow_experiment_id: str | None
+    created_at: datetime
+
+
+class RunCreate(_Strict):
+    """A pretraining run to record and launch."""
+
+    experiment: str = Field("default", min_length=1, max_length=200, description="Experiment name (created if new).")
+    name: str | None = Field(None, max_length=200, description="Readable name; default <method>-<arch>-ep<E>-s<seed>.")
+    preset: str | None = Field(None, description="A configs/ preset the config and overrides start from.")
+    config: TrainConfig | None = Field(None, description="A complete config (alternative to preset + overrides).")
+    overrides: list[str] = Field(default_factory=list, description="Dotted key=value overrides, e.g. selfpatch.k=4.")
+    launcher: LauncherName | None = Field(None, description="local, slurm, ray or dryrun; default from settings.")
+    resources: Resources = Field(default_factory=Resources)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "experiment": "selfpatch/fashion-mnist",
+                    "preset": "tiny_cpu",
+                    "overrides": ["optim.epochs=2", "selfpatch.k=4"],
+                    "launcher": "local",
+                    "resources": {"cpus_per_task": 2, "mem_gb": 4, "time_min": 30},
+                }
+            ]
+        },
+    )
+
+
+class AttemptPublic(BaseModel):
+    number: int
+    backend: str
+    backend_job_id: str | None
+    host: str | None
+    state: str
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    exit_reason: str | None
+    accelerators: int
+    accelerator_seconds: float | None
+
+
+class CheckpointPublic(BaseModel):
+    id: uuid.UUID
+    attempt: int
+    path: str
+    epoch: int
+    step: int
+    sha256: str
+    kind: str
+    created_at: datetime
+
+
+class EventPublic(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    actor: str
+    reason: str | None
+    data: dict[str, Any]
+
+
+class RunPublic(BaseModel):
+    id: uuid.UUID
+    experiment: str
+    name: str
+    method: str
+    status: RunStatus
+    status_reason: str | None
+    launcher: str
+    resources: dict[str, Any]
+    config_hash: str
+    config: dict[str, Any]
+    requeues: int
+    retry_of: uuid.UUID | None
+    output_dir: str
+    progress: dict[str, Any]
+    mlflow_run_id: str | None
+    mlflow_url: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    attempts: list[AttemptPublic] = Field(default_factory=list)
+
+
+class Page(BaseModel, Generic[T]):
+    """Cursor pagination: the list is complete when next_page_token is null."""
+
+    items: list[T]
+    next_page_token: str | None
+
+
+class RunReport(_Strict):
+    """What a job tells the service about itself (authenticated with the run's own token)."""
+
+    kind: Literal["start", "heartbeat", "checkpoint", "end"]
+    attempt: int = Field(ge=1)
+    at: float | None = None
+    host: str | None = None
+    pid: int | None = None
+    job_id: str | None = None
+    iteration: int | None = None
+    total_iterations: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    path: str | None = None
+    epoch: int | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    checkpoint_kind: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    model_config = ConfigDict(extra="ignore")  # jobs of newer versions may send more
+
+
+class DryRun(BaseModel):
+    """What a submission would do, rendered without side effects."""
+
+    config: dict[str, Any]
+    config_hash: str
+    launcher: str
+    rendered: str
+    resources: dict[str, Any]
