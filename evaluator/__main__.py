@@ -97,6 +97,12 @@ def _print_text(result: Any) -> None:
         print(f"  {key:<{width}}  {value:.2f}")
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an error message (torch's load errors run over many lines), shortened."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -134,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     except (ConfigError, DatasetError, CheckpointError, SourcesError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ValueError, FloatingPointError, RuntimeError) as exc:
-        print(f"error: {args.command} failed: {exc}", file=sys.stderr)
+        print(f"error: {args.command} failed: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     if args.output == "json":
         print(result.model_dump_json(indent=2))
