@@ -154,5 +154,13 @@ def endless(
         epoch += 1
 
 
+def timing(train_seconds: float, eval_seconds: float, device: torch.device) -> dict[str, float]:
+    """Wall times (and peak GPU memory) of a dense run, for cost accounting."""
+    out = {"train_seconds": train_seconds, "eval_seconds": eval_seconds}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def iterations_for(epochs: float, n_images: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * max(1, n_images // batch_size)))

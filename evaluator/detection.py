@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from evaluator.dense import (
     resolve_device,
     seeded,
     step_schedule,
+    timing,
     trainable_vit,
 )
 from trainer.models.vit import MultiCropViT
@@ -338,6 +340,7 @@ def evaluate_detection(
         batches = endless(data, cfg.batch_size, _collate, cfg.num_workers, cfg.seed, data.set_epoch)
         model.train()
         losses_seen: list[float] = []
+        start = time.perf_counter()
         bar = tqdm(range(total), desc="det train", disable=not progress, leave=False, dynamic_ncols=True)
         for _ in bar:
             images, targets = next(batches)
@@ -354,7 +357,10 @@ def evaluate_detection(
             scheduler.step()
             losses_seen.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses_seen[-1]:.3f}")
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     metrics = score_detection(model, val_set, cfg, device, progress)
+    metrics |= timing(train_seconds, time.perf_counter() - start, device)
     metrics["train_loss_last"] = float(np.mean(losses_seen[-20:]))
     metrics["train_iterations"] = float(total)
     return metrics

@@ -77,7 +77,8 @@ def augmented_batches(
     """Features of freshly augmented training images, computed by the frozen backbone."""
     for images, labels in loader(dataset, transform, batch_size, num_workers, shuffle=True, seed=seed):
         with torch.no_grad():
-            yield extractor.fn(images.to(extractor.device)).float(), labels
+            features = extractor.fn(images.to(extractor.device)).float()
+        yield features, labels  # outside no_grad: a generator suspended inside it would leak the mode
 
 
 def train_linear(
@@ -138,13 +139,13 @@ class LinearConfig(ProbeConfig):
 
 
 def linear_spec(subject: Backbone | PixelFeatures, cfg: LinearConfig) -> FeatureSpec:
-    """The feature choice, with DINO's last-4-blocks [CLS] when the feature is [CLS] and n is unset."""
+    """The feature choice; for [CLS] with n unset, DINO's last-4-blocks concat (at most all blocks)."""
     if (
         isinstance(subject, Backbone)
         and cfg.feature.n_last_blocks is None
         and subject.resolve(cfg.feature).pool == "cls"
     ):
-        return FeatureSpec(pool="cls", n_last_blocks=cfg.cls_last_blocks)
+        return FeatureSpec(pool="cls", n_last_blocks=min(cfg.cls_last_blocks, subject.depth))
     return cfg.feature
 
 

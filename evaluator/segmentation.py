@@ -12,6 +12,7 @@ out of the means (mmseg's nanmean).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from evaluator.dense import (
     poly_schedule,
     resolve_device,
     seeded,
+    timing,
     trainable_vit,
 )
 from evaluator.detection import metric_name
@@ -304,6 +306,7 @@ def evaluate_segmentation(
         raise ValueError(f"crop_size {cfg.crop_size} is not a multiple of the patch size {backbone.patch_size}")
     num_classes = train_set.num_classes
     losses_seen: list[float] = []
+    start = time.perf_counter()
     with seeded(cfg.seed, device):
         model = build_semantic_fpn(backbone, num_classes, cfg).to(device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -330,6 +333,8 @@ def evaluate_segmentation(
             scheduler.step()
             losses_seen.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses_seen[-1]:.3f}")
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     model.eval()
     n = len(val_set) if cfg.max_val_images is None else min(cfg.max_val_images, len(val_set))
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -341,4 +346,5 @@ def evaluate_segmentation(
     metrics["train_loss_last"] = float(np.mean(losses_seen[-20:]))
     metrics["train_iterations"] = float(cfg.iterations)
     metrics["val_images"] = float(n)
+    metrics |= timing(train_seconds, time.perf_counter() - start, device)
     return metrics

@@ -123,3 +123,21 @@ def test_config_overrides_are_validated() -> None:
     assert det.lr == 5e-5 and det.weight_decay == 0.05 and det.test_min_size == 800  # type: ignore[attr-defined]
     seg = BENCHMARKS["seg"].config("full")
     assert seg.iterations == 40000 and seg.lr == 6e-5 and seg.crop_size == 512  # type: ignore[attr-defined]
+
+
+def test_linear_with_dino_augmentation_runs_the_backbone_on_every_batch(tmp_path: Path) -> None:
+    checkpoint = micro_checkpoint("dino")
+    backbone = load_backbone(checkpoint)
+    calls = {"images": 0}
+    real = backbone.image_features
+
+    def counting(images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+        calls["images"] += len(images)
+        return real(images, spec)
+
+    backbone.image_features = counting  # type: ignore[method-assign]
+    bench = BENCHMARKS["linear"]
+    overrides = [*SMALL, "epochs=2", "train_augment=true", "train_batch_size=64"]
+    result = bench.run(checkpoint, FASHION_MNIST, "tiny", overrides=overrides, cache_dir=tmp_path, subject=backbone)
+    assert calls["images"] == 120 + 40 + 2 * 120  # cached centre crops once, then 2 epochs of augmented crops
+    assert result.metrics["linear/feature_dim"] == 2 * 32  # DINO's last-4 [CLS], capped at the 2 blocks there are
