@@ -220,7 +220,8 @@ class DetectionTrainData(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
             image = F.crop(image, top, left, crop_h, crop_w)
             boxes = F.clamp_bounding_boxes(F.crop(boxes, top, left, crop_h, crop_w))
             masks = F.crop(masks, top, left, crop_h, crop_w)
-            keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1) & (masks.flatten(1).any(1))
+            sized = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+            keep = sized & masks.flatten(1).any(1).bool()
             boxes, masks, labels = boxes[keep], masks[keep], labels[keep]
         out = {
             "boxes": boxes.as_subclass(torch.Tensor).float(),

@@ -13,7 +13,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from evaluator.backbones import load_backbone, random_backbone
 from evaluator.benchmarks import BENCHMARKS, evaluate
 from evaluator.datasets import CocoInstances, SemanticSegmentation
-from evaluator.detection import build_mask_rcnn, rescale_op, score_detection
+from evaluator.detection import DetectionTrainData, build_mask_rcnn, rescale_op, score_detection
 from evaluator.segmentation import build_semantic_fpn, predict
 from tests.eval_support import composites, micro_checkpoint
 
@@ -116,3 +116,26 @@ def test_tiny_segmentation_runs_end_to_end_on_composites() -> None:
     assert "seg/IoU_background" in metrics
     assert metrics["seg/train_iterations"] == 3 and metrics["seg/val_images"] == 3
     assert math.isfinite(metrics["seg/train_loss_last"])
+
+
+def test_full_detection_augmentation_crops_boxes_and_masks_together() -> None:
+    data = CocoInstances(composites(8, 4, size=256), "train", drop_empty=True)
+    train = DetectionTrainData(data, BENCHMARKS["det"].config("full"))  # type: ignore[arg-type]
+    cropped = 0
+    for index in range(len(data)):
+        image, target = train[index]
+        height, width = image.shape[-2:]
+        assert target["masks"].shape == (len(target["boxes"]), height, width) and len(target["labels"]) == len(
+            target["boxes"]
+        )
+        boxes = target["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        for box, mask in zip(boxes, target["masks"], strict=True):  # each box still encloses its mask
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert (
+                xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
+            )
+        cropped += (height, width) != (256, 256)
+    assert cropped > 0  # the DETR-style crop policy fired on some images
+    first, again = train[0], train[0]
+    assert torch.equal(first[0], again[0])  # seeded per (epoch, image)
