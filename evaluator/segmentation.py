@@ -185,7 +185,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def _normalise(image: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # a writable copy
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (tensor - mean) / std
