@@ -1,0 +1,118 @@
+"""A data stream that is a pure function of (seed, epoch, position), so a resumed run sees the same batches.
+
+The sampler shuffles each epoch from (seed, epoch) like DistributedSampler and can start mid-epoch; the
+augmentation of every sample is seeded from (seed, epoch, index), independent of workers and processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import signal
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from trainer.config import TrainConfig
+from trainer.data.augment import MultiCropAugmentation
+from trainer.data.datasets import DatasetError, build_dataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class SeededMultiCrop(Dataset[tuple[list[torch.Tensor], int]]):
+    """Applies the multi-crop augmentation under RNG state derived from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset[tuple[Image.Image, int]], transform: MultiCropAugmentation, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        epoch, index = key
+        image, label = self.dataset[index]
+        seed = sample_seed(self.seed, epoch, index)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                views = self.transform(image)
+            finally:
+                random.setstate(python_state)
+        return views, label
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's batches of (epoch, index) for one epoch, full batches only, from `start_batch` on."""
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(size / world_size)
+        self.epoch, self.start_batch = 0, 0
+        if self.batches_per_epoch == 0:
+            raise DatasetError(
+                f"{size} images give no full batch of {batch_size} per process on {world_size} process(es); "
+                "lower optim.batch_size_per_gpu or add data"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.per_rank * self.world_size - self.size]  # pad so every rank has as many
+        mine = order[self.rank :: self.world_size]
+        for b in range(self.start_batch, self.batches_per_epoch):
+            yield [(self.epoch, i) for i in mine[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints before it stops them.
+
+    SLURM and `timeout` signal the whole process group; a worker killed first would make the main
+    process fail while it writes the preemption checkpoint.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def build_loader(
+    cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> tuple[DataLoader[tuple[list[torch.Tensor], int]], EpochBatchSampler]:
+    raw = build_dataset(cfg.data)
+    if cfg.data.max_samples is not None and cfg.data.max_samples < len(raw):  # type: ignore[arg-type]
+        raw = Subset(raw, range(cfg.data.max_samples))
+    dataset = SeededMultiCrop(raw, MultiCropAugmentation(cfg.crops), cfg.seed)
+    sampler = EpochBatchSampler(
+        len(dataset), cfg.optim.batch_size_per_gpu, seed=cfg.seed, rank=rank, world_size=world_size
+    )
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)  # keeps DataLoader from drawing on the global RNG
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=generator,
+        worker_init_fn=_ignore_preemption_signals,
+    )
+    return loader, sampler
