@@ -62,7 +62,7 @@ def test_hash_ignores_where_results_go_but_not_what_is_computed() -> None:
         (["optim.epochs=abc"], "optim.epochs", "valid integer"),
         (["model.arch=vit_huge"], "model.arch", "vit_tiny"),
         (["crops.local_size=8"], "crops.local_size", "border 'wrap' needs"),
-        (["optim.warmup_epochs=500"], "optim.warmup_epochs", "exceeds optim.epochs (5)"),
+        (["optim.warmup_epochs=500"], "optim.warmup_epochs", "exceeds optim.epochs (3)"),
     ],
 )
 def test_bad_values_name_the_field(overrides: list[str], field: str, words: str) -> None:

@@ -27,21 +27,53 @@ def _steps(output_dir: Path) -> list[dict[str, float]]:
     return [r for r in map(json.loads, lines) if r["event"] == "step"]
 
 
+def _loss_against(cfg: object, student_state: dict, teacher_state: dict, loss_state: dict) -> tuple[float, float]:
+    """Image and patch loss of a student against a fixed teacher on one fixed batch (no drop-path noise)."""
+    from trainer.data.loader import build_loader
+    from trainer.losses import MultiCropLoss
+    from trainer.models.wrapper import build_model
+
+    loader, sampler = build_loader(cfg)  # type: ignore[arg-type]
+    sampler.set_epoch(0)
+    crops, _ = next(iter(loader))
+    student, teacher = build_model(cfg, student=True), build_model(cfg, student=False)  # type: ignore[arg-type]
+    student.load_state_dict(student_state)
+    teacher.load_state_dict(teacher_state)
+    patch_dim = cfg.selfpatch.out_dim if cfg.method == "selfpatch" else None  # type: ignore[attr-defined]
+    loss = MultiCropLoss(cfg.head.out_dim, patch_dim)  # type: ignore[attr-defined]
+    loss.load_state_dict(loss_state)
+    student.eval()
+    with torch.no_grad():
+        t = teacher(crops if patch_dim else crops[:2], match=True)
+        s = student(crops)
+        terms = loss(s.cls_logits, t.cls_logits, 0.04, crops[0].shape[0], s.patch_logits, t.patch_logits)
+    return float(terms.cls), float(terms.patch) if terms.patch is not None else 0.0
+
+
 @pytest.mark.parametrize("method", ["selfpatch", "dino"])
 def test_tiny_run_learns_and_writes_checkpoints(tmp_path: Path, method: str) -> None:
-    cfg = load_config(
-        "tiny_cpu",
-        micro_overrides(tmp_path, method, "optim.epochs=6", "optim.lr=0.005", "optim.freeze_last_layer=0"),
-    )
+    cfg = load_config("tiny_cpu", micro_overrides(tmp_path, method, "optim.epochs=6"))
+    torch.manual_seed(cfg.seed)
+    from trainer.models.wrapper import build_model
+
+    initial_student = build_model(cfg, student=True).state_dict()  # the seeded init training starts from
     result = train(cfg)
     assert result.status == "completed" and result.iteration == 6 * 8
     steps = _steps(tmp_path)
-    first, last = steps[0]["train/loss"], sum(s["train/loss"] for s in steps[-3:]) / 3
-    assert last < first - 0.1, f"loss did not decrease: {first:.3f} -> {last:.3f}"
     assert ("train/patch_loss" in steps[-1]) == (method == "selfpatch")
+    assert all(s["train/loss"] == s["train/loss"] for s in steps)  # finite, logged every 2 steps
+
+    # DINO's loss chases a moving target (EMA teacher, center), so it is not monotone; what must fall is the
+    # student's loss against its final teacher: the trained student predicts that teacher's targets better.
+    state = load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
+    before = _loss_against(cfg, initial_student, state["teacher"], state["dino_loss"])
+    after = _loss_against(cfg, state["student"], state["teacher"], state["dino_loss"])
+    assert after[0] < before[0] - 0.1, f"image loss vs final teacher: {before[0]:.3f} -> {after[0]:.3f}"
+    if method == "selfpatch":
+        assert after[1] < before[1] - 0.1, f"patch loss vs final teacher: {before[1]:.3f} -> {after[1]:.3f}"
+
     names = sorted(p.name for p in tmp_path.glob("checkpoint*.pth"))
     assert names == ["checkpoint.pth"] + [f"checkpoint{e:04d}.pth" for e in range(6)]
-    state = load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
     assert state["epoch"] == 6 and state["iteration"] == 48 and state["method"] == method
     assert set(state["dino_loss"]) == ({"center", "patch_center"} if method == "selfpatch" else {"center"})
     assert isinstance(state["config"], dict) and state["args"]["arch"] == "vit_tiny"
@@ -124,7 +156,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
 
 
 def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes(tmp_path: Path) -> None:
-    args = ["--config", "tiny_cpu", *micro_overrides(tmp_path, "selfpatch", "optim.epochs=40", "logging.log_every=1")]
+    args = ["--config", "tiny_cpu", *micro_overrides(tmp_path, "selfpatch", "optim.epochs=8", "logging.log_every=1")]
     proc = _cli(*args)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 120
@@ -134,12 +166,12 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     state = load_checkpoint(tmp_path / "checkpoint.pth")
-    assert 0 < state["iteration"] < 40 * 8
+    assert 0 < state["iteration"] < 8 * 8
     assert "interrupted" in err and "SIGTERM" in err
     done = _cli(*args)
     _, err = done.communicate(timeout=600)
     assert done.returncode == 0, err
-    assert load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 40 * 8
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 8 * 8
 
 
 def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
