@@ -10,8 +10,10 @@ from orchestrator.settings import Settings
 
 
 class EmbeddedService:
-    def __init__(self, settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.host, self.port = host, port
+    def __init__(
+        self, settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000, reconciler: bool = True
+    ) -> None:
+        self.host, self.port, self.reconciler = host, port, reconciler
         self.url = f"http://{host}:{port}"
         self.settings = settings or Settings(api_url=self.url)
         if self.settings.api_url != self.url:
@@ -33,7 +35,7 @@ class EmbeddedService:
         from api.main import create_app
         from orchestrator.client import Client
 
-        app = create_app(self.settings, run_reconciler=True)
+        app = create_app(self.settings, run_reconciler=self.reconciler)
         server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self._server = server
         self._thread = threading.Thread(target=server.run, name="api", daemon=True)

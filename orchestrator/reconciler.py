@@ -24,7 +24,7 @@ from orchestrator.db.models import Attempt, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.launchers import Launchers
 from orchestrator.launchers.base import JobState, JobStatus, LauncherError
-from orchestrator.lifecycle import RunStatus, path_to
+from orchestrator.lifecycle import TERMINAL, RunStatus, path_to
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.service import get_run, record_checkpoint, record_event, run_token, transition
 from orchestrator.settings import Settings
@@ -86,19 +86,11 @@ class Reconciler:
         started = time.perf_counter()
         stats = PassStats()
         with self.db.transaction() as session:
+            unfinished = select(Attempt.run_id).where(Attempt.state != "ended")
             rows = session.execute(
                 select(Run.id, Run.status, Run.launcher)
-                .outerjoin(Attempt, Attempt.run_id == Run.id)
-                .where(
-                    or_(
-                        Run.status.not_in(
-                            [s.value for s in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)]
-                        ),
-                        Attempt.state != "ended",
-                    )
-                )
+                .where(or_(Run.status.not_in([s.value for s in TERMINAL]), Run.id.in_(unfinished)))
                 .order_by(Run.created_at)
-                .distinct()
             ).all()
             job_ids: dict[str, list[str]] = {}
             for attempt in session.scalars(
