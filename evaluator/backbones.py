@@ -120,17 +120,17 @@ class Backbone(nn.Module):
         """(B, D) features of normalised images (B, 3, H, W); D = embed_dim * n_last_blocks."""
         spec = self.resolve(spec)
         n = spec.n_last_blocks or 1
-        outputs = self.vit.forward_intermediates(
+        outputs: list[Any] = self.vit.forward_intermediates(  # type: ignore[assignment]
             images, indices=n, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=self.has_cls
         )
         if spec.pool == "cls":
             return torch.cat([prefix[:, 0] for _, prefix in outputs], dim=-1)
-        tokens = [out[0] if isinstance(out, tuple) else out for out in outputs]
+        tokens: list[torch.Tensor] = [out[0] if isinstance(out, tuple) else out for out in outputs]
         if spec.pool == "avg":
             return torch.cat([t.mean(dim=1) for t in tokens], dim=-1)
         assert self.ca_head is not None
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        image_token, _ = self.ca_head(tokens[-1], grid, match=False)
+        image_token: torch.Tensor = self.ca_head(tokens[-1], grid, match=False)[0]
         return image_token
 
     def block_maps(self, images: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -143,7 +143,7 @@ def vit_block_maps(vit: MultiCropViT, images: torch.Tensor, indices: Sequence[in
     unique = sorted(set(indices))
     if not unique or unique[0] < 0 or unique[-1] >= len(vit.blocks):
         raise ValueError(f"block indices {list(indices)} outside 0..{len(vit.blocks) - 1}")
-    maps = vit.forward_intermediates(
+    maps: list[torch.Tensor] = vit.forward_intermediates(  # type: ignore[assignment]
         images, indices=unique, norm=False, output_fmt="NCHW", intermediates_only=True, stop_early=True
     )
     by_index = dict(zip(unique, maps, strict=True))

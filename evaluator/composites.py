@@ -322,7 +322,8 @@ def generate(
             raise SourcesError(f"split {split} has {len(pool)} stamps and {len(backgrounds)} backgrounds")
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "annotations" / split).mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         dropped = 0
         for index in tqdm(range(n), desc=f"composites {split}", disable=not progress, leave=False):
             rng = np.random.default_rng([seed, split_code, index])

@@ -90,7 +90,8 @@ def trainable_vit(backbone: Backbone, cfg: DenseBackboneConfig) -> MultiCropViT:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: no decay for names containing pos_embed / cls_token / norm (mmdet custom_keys)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -110,7 +111,7 @@ def step_schedule(steps: Sequence[int], gamma: float, warmup_iters: int, warmup_
 
     def factor(iteration: int) -> float:
         decays = sum(iteration >= s for s in steps)
-        return float(gamma**decays) * warmup_factor(iteration, warmup_iters, warmup_ratio)
+        return float(gamma**decays * warmup_factor(iteration, warmup_iters, warmup_ratio))
 
     return factor
 
@@ -123,7 +124,7 @@ def poly_schedule(
     def factor(iteration: int) -> float:
         progress = min(iteration, max_iters) / max(1, max_iters)
         poly = (1.0 - min_ratio) * (1.0 - progress) ** power + min_ratio
-        return poly * warmup_factor(iteration, warmup_iters, warmup_ratio)
+        return float(poly * warmup_factor(iteration, warmup_iters, warmup_ratio))
 
     return factor
 

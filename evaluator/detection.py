@@ -160,7 +160,7 @@ def build_mask_rcnn(backbone: Backbone, num_classes: int, cfg: DetectionConfig) 
     pyramid = ViTPyramid(vit, indices, backbone.patch_size, cfg.strides, cfg.fpn_channels)
     names = [str(i) for i in range(len(cfg.strides))]
     channels, mask_channels = cfg.fpn_channels, cfg.mask_head_channels
-    return MaskRCNN(
+    model: nn.Module = MaskRCNN(
         pyramid,
         num_classes=None,
         min_size=cfg.train_min_sizes,
@@ -176,6 +176,7 @@ def build_mask_rcnn(backbone: Backbone, num_classes: int, cfg: DetectionConfig) 
         mask_head=MaskRCNNHeads(channels, [mask_channels] * 4, 1),
         mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
     )
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- data

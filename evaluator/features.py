@@ -291,7 +291,17 @@ def probe_features(
     test_split = classification_split(root, cfg.test_split).subset(cfg.max_test_samples, cfg.seed)
     if train_split.num_classes != test_split.num_classes:
         raise ValueError(f"train has {train_split.num_classes} classes, test {test_split.num_classes}")
-    options = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "progress": progress}
-    train = cache.get(extractor, train_split, cfg.transform, desc="train features", **options)
-    test = cache.get(extractor, test_split, cfg.transform, desc="test features", **options)
+
+    def get(split: ClassificationSplit, desc: str) -> FeatureSet:
+        return cache.get(
+            extractor,
+            split,
+            cfg.transform,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            progress=progress,
+            desc=desc,
+        )
+
+    train, test = get(train_split, "train features"), get(test_split, "test features")
     return extractor, train_split, train, test

@@ -110,9 +110,9 @@ def train_linear(
     for epoch in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False, dynamic_ncols=True):
         model.train()
         for features, labels in batches(epoch):
-            loss = F.cross_entropy(model(features.to(device)), labels.to(device))
+            loss: torch.Tensor = F.cross_entropy(model(features.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         scheduler.step()
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:

@@ -109,7 +109,7 @@ class FPNHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, 0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        nn.init.zeros_(self.conv_seg.bias)  # type: ignore[arg-type]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         out: torch.Tensor = self.scale_heads[0](features[0])
@@ -328,7 +328,7 @@ def evaluate_segmentation(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"segmentation loss is {float(loss)} at step {len(losses_seen)}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
             losses_seen.append(float(loss.detach()))
