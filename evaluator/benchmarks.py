@@ -211,6 +211,11 @@ class Benchmark:
 
 
 # ------------------------------------------------------------------------------------------ the presets
+# full: the papers' protocols (spec section 3). tiny: the same code on 2 CPU cores in minutes, for the tiny
+# trainer presets (32-px inputs, 4-px patches); its departures are deliberate and listed here:
+#   knn/linear: 32-px resize/crop (the models' input size), seeded 10k/5k subsets of train/test, cached
+#     centre-crop features (no augmentation), linear base_lr 0.1 (DINO's 1e-3 barely moves in 100 epochs);
+#   det/seg: frozen backbone (a dense probe, no ViT backward), 96-px images, slim FPN/heads, 100 steps.
 
 _TINY_TRANSFORM = ImageTransform(resize=32, crop=32)
 _TINY_PROBE = {
