@@ -333,7 +333,9 @@ class SlurmLauncher:
             return (self.state_dir / "keys" / key).read_text().strip() or None
         except OSError:
             pass
-        out = _run(["squeue", "-h", "-n", key, "-o", "%i"])
+        # -t all: also jobs that just ended (kept for MinJobAge); right after a job ends, sacct --name may
+        # briefly miss it (seen with slurmdbd 22.05), while the controller still knows it
+        out = _run(["squeue", "-h", "-t", "all", "-n", key, "-o", "%i"])
         ids = [line.strip() for line in out.stdout.splitlines() if line.strip()]
         if not ids:
             out = _run(["sacct", "-X", "-n", "-P", "--name", key, "-o", "JobIDRaw", "-S", LOOKBACK])
@@ -410,16 +412,19 @@ class SlurmLauncher:
 
     @staticmethod
     def _squeue(job_ids: list[str]) -> dict[str, JobStatus]:
-        """Jobs the controller knows but accounting has not recorded yet (just submitted)."""
-        out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%N"])
+        """Jobs the controller knows but accounting has not (yet) answered for: just submitted or just ended."""
+        fields = "JobID:|,State:|,Reason:|,NodeList:|,exit_code:|"
+        out = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-O", fields])
         found: dict[str, JobStatus] = {}
         for line in out.stdout.splitlines():
-            job_id, _, rest = line.partition("|")
-            state, _, rest = rest.partition("|")
-            reason, _, node = rest.partition("|")
-            found[job_id.strip()] = status_from_sacct(
-                [{"State": state, "ExitCode": "0:0", "Reason": reason, "NodeList": node or "None assigned"}]
-            )
+            values = [v.strip() for v in line.split("|")]
+            if len(values) < 5 or not values[0].isdigit():
+                continue
+            job_id, state, reason, node, raw = values[:5]
+            status = int(raw) if raw.isdigit() else 0  # a wait status: code << 8 | signal
+            exit_code = f"{status >> 8}:{status & 0x7F}"
+            record = {"State": state, "ExitCode": exit_code, "Reason": reason, "NodeList": node or "None assigned"}
+            found[job_id] = status_from_sacct([record])
         return found
 
     def cancel(self, job_id: str) -> None:

@@ -1,0 +1,109 @@
+"""Helpers for the launcher tests: a micro run folder the real worker trains in, and a sink for its reports."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.worker import JobFile, result_path, train_dir
+from tests.conftest import micro_overrides
+from trainer.presets import load_config
+
+T = TypeVar("T")
+ITERS_PER_EPOCH = 8  # micro_overrides: 64 images, batch 8
+
+
+class ReportSink:
+    """Stands in for the service's report endpoint, so the worker's reporter never waits on retries."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with suppress(ValueError):
+                    sink.reports.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def kinds(self) -> list[str]:
+        return [str(r.get("kind")) for r in self.reports]
+
+
+@contextmanager
+def report_sink() -> Iterator[ReportSink]:
+    sink = ReportSink()
+    sink.thread.start()
+    try:
+        yield sink
+    finally:
+        sink.server.shutdown()
+        sink.server.server_close()
+
+
+def make_run_dir(run_dir: Path, api_url: str, backend: str, epochs: int = 2, *extra: str) -> Path:
+    """A run folder as the service lays it out: job.json holding the validated micro config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config("tiny_cpu", micro_overrides(train_dir(run_dir), "selfpatch", f"optim.epochs={epochs}", *extra))
+    JobFile(
+        run_id=run_dir.name,
+        config=cfg.model_dump(mode="json"),
+        api_url=api_url,
+        token="test-token",
+        mlflow_tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}",
+        mlflow_run_id=None,
+        backend=backend,
+    ).write(run_dir)
+    return run_dir
+
+
+def read_result(run_dir: Path, attempt: int) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(result_path(run_dir, attempt).read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def trained_steps(run_dir: Path) -> int:
+    """The last step the trainer logged (log.jsonl), 0 before the first."""
+    try:
+        lines = (train_dir(run_dir) / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "step":
+            steps.append(int(record["iteration"]))
+    return max(steps)
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5) -> T:
+    """Poll until `probe` returns something truthy; a generous deadline only guards against hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

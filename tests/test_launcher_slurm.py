@@ -1,0 +1,327 @@
+"""The SLURM launcher against the real single-node cluster (`scripts/services.sh start`), accounting included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.launchers import slurm as slurm_module
+from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
+from orchestrator.launchers.slurm import SlurmLauncher, status_from_sacct
+from tests.conftest import REPO
+from tests.launcher_support import (
+    ITERS_PER_EPOCH,
+    make_run_dir,
+    read_result,
+    report_sink,
+    trained_steps,
+    wait_for,
+)
+
+SMALL = Resources(cpus_per_task=1, mem_gb=0.5, time_min=10)
+
+
+def _slurm_answers() -> str | None:
+    """None when sinfo and sacct work, else why not."""
+    for command in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{command[0]}: {exc}"
+        if out.returncode != 0:
+            return f"{command[0]}: {out.stderr.strip()[:300]}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    """The tests need the cluster: start it if it is down, and fail (never skip) if it cannot be reached."""
+    problem = _slurm_answers()
+    if problem is not None:
+        env = {**os.environ, "WITH_BROWSER": "0"}
+        subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), "start"], env=env, check=False, timeout=600)
+        problem = _slurm_answers()
+    if problem is not None:
+        pytest.fail(f"SLURM cannot be reached after `scripts/services.sh start` ({problem})", pytrace=False)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> SlurmLauncher:
+    return SlurmLauncher(tmp_path / "state")
+
+
+def _spec(tmp_path: Path, argv: list[str], resources: Resources = SMALL, attempt: int = 1) -> JobSpec:
+    run_id = uuid.uuid4().hex[:12]
+    workdir = tmp_path / run_id
+    workdir.mkdir(parents=True)
+    return JobSpec(run_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _ended(launcher: SlurmLauncher, job_id: str) -> JobStatus | None:
+    status = launcher.poll(job_id)
+    return status if status.state.ended else None
+
+
+def _requeued(launcher: SlurmLauncher, job_id: str) -> JobStatus | None:
+    status = launcher.poll(job_id)
+    return status if status.restarts >= 1 else None
+
+
+def _squeue_names(key: str) -> str:
+    return subprocess.run(["squeue", "-h", "-n", key, "-o", "%i"], capture_output=True, text=True).stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------- no jobs
+
+
+def test_render_is_submitits_script_with_the_options_and_no_side_effect(tmp_path: Path) -> None:
+    launcher = SlurmLauncher(tmp_path / "state", default_partition="debug")
+    resources = Resources(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        mem_gb=64,
+        time_min=120,
+        partition="gpu",
+        account="lab",
+        qos="high",
+        extra={"constraint": "a100", "exclusive": "true", "nice": "10", "signal": "USR2@120"},
+    )
+    spec = JobSpec("r1", 3, "n", ["/venv/bin/python", "-m", "orchestrator.worker", "/runs/r1", "--attempt", "3"],
+                   tmp_path / "run", resources)  # fmt: skip
+    script = launcher.render(spec)
+    for line in (
+        f"#SBATCH --job-name={spec.key}",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",  # one task per GPU
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --time=120",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclusive",
+        "#SBATCH --nice=10",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        f"#SBATCH --chdir={tmp_path / 'run'}",
+        "export SUBMITIT_PREEMPT_SIGNAL=USR2",
+    ):
+        assert line in script.splitlines(), line
+    assert "-m submitit.core._submit" in script and "--cpus-per-task=8" in script.split("srun", 1)[1]
+    assert "orchestrator.worker /runs/r1 --attempt 3" in script
+    assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists()
+    assert _squeue_names(spec.key) == ""
+    # the default partition applies when the run names none
+    plain = JobSpec("r2", 1, "n", ["python"], tmp_path / "run2", Resources())
+    assert "#SBATCH --partition=debug" in launcher.render(plain).splitlines()
+    assert "#SBATCH --gres" not in launcher.render(plain)
+
+
+def test_sbatch_options_outside_the_whitelist_are_refused(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    with pytest.raises(ValidationError, match="not allowed: wrap"):
+        Resources(extra={"wrap": "rm -rf /"})
+    with pytest.raises(ValidationError, match="forbidden character"):
+        Resources(extra={"comment": "x; scancel -u root"})
+    # a Resources built without validation still cannot smuggle options through the launcher
+    sneaky = Resources.model_construct(**{**SMALL.model_dump(), "extra": {"export": "LD_PRELOAD=/tmp/x.so"}})
+    with pytest.raises(LauncherError, match="not allowed"):
+        launcher.render(_spec(tmp_path, ["true"], sneaky))
+    with pytest.raises(LauncherError, match=r"extra\.signal"):
+        launcher.render(_spec(tmp_path, ["true"], Resources(extra={"signal": "B:TERM@60"})))
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("records", "state", "exit_code", "reason", "restarts"),
+    [
+        ([("PENDING", "0:0")], JobState.PENDING, None, None, 0),
+        ([("CONFIGURING", "0:0")], JobState.PENDING, None, None, 0),
+        ([("REQUEUED", "0:0"), ("PENDING", "0:0")], JobState.PENDING, None, "requeued", 1),
+        ([("RUNNING", "0:0")], JobState.RUNNING, None, None, 0),
+        ([("COMPLETING", "0:0")], JobState.RUNNING, None, "completing", 0),
+        ([("COMPLETED", "0:0")], JobState.COMPLETED, 0, None, 0),
+        ([("CANCELLED by 0", "0:15")], JobState.CANCELLED, -15, "CANCELLED by 0", 0),
+        ([("CANCELLED by 0", "75:0")], JobState.CANCELLED, 75, "CANCELLED by 0", 0),
+        ([("PREEMPTED", "0:15")], JobState.PREEMPTED, -15, "PREEMPTED", 0),
+        ([("FAILED", "75:0")], JobState.PREEMPTED, 75, "FAILED: interrupted (exit 75), resume", 0),
+        ([("FAILED", "1:0")], JobState.FAILED, 1, "FAILED", 0),
+        ([("TIMEOUT", "0:15")], JobState.FAILED, -15, "TIMEOUT", 0),
+        ([("NODE_FAIL", "0:0")], JobState.FAILED, 0, "NODE_FAIL", 0),
+        ([("OUT_OF_MEMORY", "0:125")], JobState.FAILED, -125, "OUT_OF_MEMORY", 0),
+        ([("BOOT_FAIL", "0:0")], JobState.FAILED, 0, "BOOT_FAIL", 0),
+        ([("DEADLINE", "0:0")], JobState.FAILED, 0, "DEADLINE", 0),
+        ([("REQUEUED", "0:0"), ("REQUEUED", "0:0"), ("COMPLETED", "0:0")], JobState.COMPLETED, 0, None, 2),
+    ],
+)
+def test_sacct_states_map_to_job_states(
+    records: list[tuple[str, str]], state: JobState, exit_code: int | None, reason: str | None, restarts: int
+) -> None:
+    rows = [
+        {"State": s, "ExitCode": e, "Start": "Unknown", "End": "Unknown", "NodeList": "localhost"} for s, e in records
+    ]
+    status = status_from_sacct(rows)
+    assert (status.state, status.exit_code, status.reason, status.restarts) == (state, exit_code, reason, restarts)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+def test_exit_codes_map_to_states_with_one_sacct_call(
+    tmp_path: Path, launcher: SlurmLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = {code: _spec(tmp_path, _py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
+    ids = {code: launcher.submit(spec) for code, spec in specs.items()}
+    wait_for(
+        "the three jobs to end",
+        lambda: all(s.state.ended for s in launcher.poll_many(list(ids.values())).values()),
+        180,
+    )
+
+    calls: list[list[str]] = []
+    real_run = slurm_module._run
+
+    def counting_run(command: list[str], timeout: float = 60.0) -> Any:
+        calls.append(command)
+        return real_run(command, timeout)
+
+    monkeypatch.setattr(slurm_module, "_run", counting_run)
+    statuses = launcher.poll_many(list(ids.values()))
+    assert [c[0] for c in calls] == ["sacct"]  # one query for all jobs
+    calls.clear()
+    statuses.update(launcher.poll_many(["99999999"]))
+    assert [c[0] for c in calls] == ["sacct", "squeue"]  # not in accounting: maybe just submitted, ask squeue
+    assert statuses[ids[0]].state == JobState.COMPLETED and statuses[ids[0]].exit_code == 0
+    assert statuses[ids[75]].state == JobState.PREEMPTED and statuses[ids[75]].exit_code == 75
+    assert statuses[ids[1]].state == JobState.FAILED and statuses[ids[1]].exit_code == 1
+    assert statuses["99999999"].state == JobState.LOST
+    for job_id in ids.values():
+        status = statuses[job_id]
+        assert status.host == "localhost" and status.restarts == 0
+        assert status.started_at is not None and status.ended_at is not None and status.ended_at >= status.started_at
+    assert "exit 75" in launcher.logs(ids[75])
+    assert Path(specs[75].log_dir / "attempt-1.log").read_text() == launcher.logs(ids[75])
+
+
+def test_submit_is_idempotent_on_the_key(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    spec = _spec(tmp_path, _py("import time; time.sleep(2)"))
+    job_id = launcher.submit(spec)
+    assert launcher.submit(spec) == job_id
+    # a service that lost its state folder (or crashed between sbatch and writing it) finds the job by name
+    assert SlurmLauncher(tmp_path / "other-state").submit(spec) == job_id
+    assert _squeue_names(spec.key) in ("", job_id)
+    wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    assert SlurmLauncher(tmp_path / "third-state").submit(spec) == job_id  # found in accounting once it ended
+    other = _spec(tmp_path, _py("pass"), attempt=2)
+    assert launcher.submit(other) != job_id
+
+
+def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"  # like the trainer: checkpoint, exit 75
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    spec = _spec(tmp_path, _py(code))
+    job_id = launcher.submit(spec)
+    wait_for("the job to run", lambda: launcher.poll(job_id).state == JobState.RUNNING, 120)
+    wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 60)
+    launcher.cancel(job_id)
+    status = wait_for("CANCELLED", lambda: _ended(launcher, job_id), 30)
+    assert status.state == JobState.CANCELLED, status
+    launcher.cancel(job_id)  # cancelling an ended job is harmless
+
+
+def _real_worker_spec(tmp_path: Path, api_url: str, epochs: int) -> JobSpec:
+    run_dir = make_run_dir(tmp_path / f"run-{uuid.uuid4().hex[:8]}", api_url, "slurm", epochs)
+    argv = [sys.executable, "-m", "orchestrator.worker", str(run_dir), "--attempt", "1"]
+    resources = Resources(cpus_per_task=1, mem_gb=3, time_min=30)
+    return JobSpec(run_id=run_dir.name, attempt=1, name="micro", argv=argv, workdir=run_dir, resources=resources)
+
+
+def _check_resumed(spec: JobSpec, launcher: SlurmLauncher, job_id: str, total: int) -> None:
+    first, second = read_result(spec.workdir, 1), read_result(spec.workdir, 2)
+    assert first is not None and first["status"] == "interrupted", first
+    assert 0 < first["iteration"] < total
+    assert second is not None and second["status"] == "completed", second
+    assert second["iteration"] == total
+    final = launcher.poll(job_id)
+    assert final.state == JobState.COMPLETED and final.exit_code == 0 and final.restarts == 1, final
+    log = launcher.logs(job_id, tail=2000)
+    assert f"resumed from {spec.workdir / 'train' / 'checkpoint.pth'} at iteration {first['iteration']}" in log
+    steps = [int(s) for s in _logged_steps(spec)]
+    assert steps == sorted(set(steps)), "attempt 2 repeated steps: it did not resume"
+
+
+def _logged_steps(spec: JobSpec) -> list[str]:
+    import json
+
+    lines = (spec.workdir / "train" / "log.jsonl").read_text().splitlines()
+    return [str(json.loads(x)["iteration"]) for x in lines if '"event": "step"' in x]
+
+
+def test_submitit_signal_checkpoints_requeues_and_attempt_2_resumes(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    """USR2 (what SLURM sends before the time limit, `--signal=USR2@90`): submitit calls checkpoint(), which
+    stops the worker at a checkpoint, then requeues the job; the same job id comes back as attempt 2."""
+    epochs = 2
+    with report_sink() as sink:
+        spec = _real_worker_spec(tmp_path, sink.url, epochs)
+        job_id = launcher.submit(spec)
+        wait_for("the first training steps", lambda: trained_steps(spec.workdir) >= 2, 300)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
+        assert requeued.state in (JobState.PENDING, JobState.RUNNING)
+        wait_for("attempt 2 to finish", lambda: _ended(launcher, job_id), 600)
+        _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
+        log = launcher.logs(job_id, tail=2000)
+        assert "Calling checkpoint method" in log and f"Requeued job {job_id}" in log
+        assert {"start", "end"} <= set(sink.kinds())
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    """`scontrol requeue` (as SLURM preemption with PreemptMode=REQUEUE): SIGTERM to every process, the
+    worker checkpoints and exits 75, SLURM restarts the same job with SLURM_RESTART_COUNT=1."""
+    epochs = 2
+    with report_sink() as sink:
+        spec = _real_worker_spec(tmp_path, sink.url, epochs)
+        job_id = launcher.submit(spec)
+        wait_for("the first training steps", lambda: trained_steps(spec.workdir) >= 2, 300)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
+        assert requeued.state in (JobState.PENDING, JobState.RUNNING)
+        wait_for("attempt 2 to finish", lambda: _ended(launcher, job_id), 600)
+        _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
+
+
+def test_a_timeout_past_submitits_budget_ends_preempted_not_failed(tmp_path: Path) -> None:
+    """submitit refuses to requeue after max_num_timeout timeouts (here 0; with time_min <= 50 every signal
+    counts as a timeout): the worker has already checkpointed and exited 75, so the job says PREEMPTED and
+    the reconciler's own requeue budget decides."""
+    launcher = SlurmLauncher(tmp_path / "state", max_num_timeout=0)
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('checkpointed', flush=True), sys.exit(75)))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    job_id = launcher.submit(_spec(tmp_path, _py(code)))
+    wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 120)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    status = wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    assert status.state == JobState.PREEMPTED and status.exit_code == 75 and status.restarts == 0, status
+    log = launcher.logs(job_id)
+    assert "checkpointed" in log and "timed-out too many times" in log
