@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
             stop.set()
             if state.reconciler_thread is not None:
                 state.reconciler_thread.join(timeout=30)
+            state.launchers.close()
             state.db.dispose()
 
     app = FastAPI(

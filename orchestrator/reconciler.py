@@ -247,7 +247,7 @@ class Reconciler:
                 attempt.started_at = attempt.started_at or job.started_at or utcnow()
                 if status in (RunStatus.SUBMITTED, RunStatus.REQUEUED, RunStatus.PREEMPTED):
                     advance(session, run, RunStatus.RUNNING, f"running on {job.host or 'its node'}")
-                self._check_heartbeat(session, run, attempt, launcher)
+                self._check_heartbeat(session, run, attempt, job, launcher)
                 self._ingest_checkpoints(session, run, attempt.number)
                 return 0
             # the job has ended: settle the attempt from its result file, whatever the reports said
@@ -257,9 +257,12 @@ class Reconciler:
             self._launch(run_id)
         return 1
 
-    def _check_heartbeat(self, session: Any, run: Run, attempt: Attempt, launcher: Any) -> None:
+    def _check_heartbeat(self, session: Any, run: Run, attempt: Attempt, job: JobStatus, launcher: Any) -> None:
+        """A job the scheduler calls running but that has said nothing for too long is hung: stop it (it is
+        then settled like a lost job). Measured from its latest sign of life, a (re)start included."""
         timeout = timedelta(seconds=self.settings.heartbeat_timeout_s)
-        last = run.last_heartbeat_at or attempt.started_at
+        signs = [t for t in (run.last_heartbeat_at, attempt.started_at, job.started_at) if t is not None]
+        last = max(signs) if signs else None
         if last is not None and utcnow() - last > timeout:
             record_event(session, run, "lost", ACTOR, f"no heartbeat for {timeout}; stopping the job to requeue it")
             launcher.cancel(str(attempt.backend_job_id))

@@ -65,7 +65,8 @@ def train_dir(run_dir: Path) -> Path:
 
 
 def scheduler_job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("RAY_JOB_ID") or os.environ.get("ORCH_LOCAL_JOB_ID")
+    env = os.environ  # Ray strips RAY_JOB_ID from jobs: its launcher passes the submission id as ORCH_JOB_ID
+    return env.get("SLURM_JOB_ID") or env.get("ORCH_JOB_ID") or env.get("ORCH_LOCAL_JOB_ID")
 
 
 class Reporter(TrainCallback):

@@ -74,9 +74,15 @@ class MLflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self._pending: list[Any] = []
         lg = cfg.logging
-        if lg.run_id:
+        if lg.run_id:  # a run created by the orchestrator, or an earlier attempt of this one
             self.run_id: str | None = lg.run_id
             self.client.update_run(lg.run_id, status="RUNNING")
+            for key, value in {"orch.config_hash": cfg.config_hash(), "method": cfg.method, **lg.tags}.items():
+                self.client.set_tag(lg.run_id, key, value)
+            try:
+                self.log_params(flatten(cfg.model_dump(mode="json")))
+            except Exception as exc:  # params are immutable: a later attempt may differ in e.g. output paths
+                log.warning("MLflow params not (re)logged: %s", exc)
         else:
             experiment = self.client.get_experiment_by_name(lg.experiment)
             if experiment is None:

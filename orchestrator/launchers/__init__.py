@@ -15,6 +15,14 @@ class Launchers:
         self.settings = settings
         self._made: dict[str, Launcher] = {}
 
+    def close(self) -> None:
+        """Release what launchers started for this service (the local Ray cluster)."""
+        for launcher in self._made.values():
+            close = getattr(launcher, "close", None)
+            if callable(close):
+                close()
+        self._made.clear()
+
     def get(self, name: str) -> Launcher:
         if name not in self._made:
             self._made[name] = self._make(name)
