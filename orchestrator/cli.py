@@ -68,6 +68,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     reconciler: Annotated[bool, typer.Option(help="Run the reconciler in this process.")] = True,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides the access log).")] = "info",
 ) -> None:
     """Run the REST API (and, by default, the reconciler). Applies database migrations first."""
     import uvicorn
@@ -76,7 +77,7 @@ def serve(
     from orchestrator.settings import Settings
 
     settings = Settings(api_url=os.environ.get("ORCH_API_URL", f"http://{host}:{port}"))
-    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, log_level=log_level)
 
 
 @app.command()

@@ -30,9 +30,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(connection: Any) -> None:
-            # take the write lock at BEGIN: concurrent writers queue instead of failing on lock upgrade
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(connection: Any) -> None:
+            # writers take the lock at BEGIN (IMMEDIATE) and queue instead of failing on a lock upgrade;
+            # readers begin DEFERRED and, with WAL, never wait for a writer
+            mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -45,12 +47,14 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)  # reads
+        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._writers = sessionmaker(writer, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits together or not at all."""
-        with self.sessions() as session, session.begin():
+        with self._writers() as session, session.begin():
             yield session
 
     def dispose(self) -> None:
