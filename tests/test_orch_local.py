@@ -134,7 +134,10 @@ def test_cancel_stops_the_job(service: EmbeddedService) -> None:
     assert status_of(service.url, run["id"]) == "cancelled"  # terminal: the job's end changes nothing
 
 
-def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(service: EmbeddedService) -> None:
+def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(
+    service: EmbeddedService,
+    mlflow_server: str,  # noqa: F811
+) -> None:
     run = submit(service.url, body("optim.epochs=12"))
     _wait_running_with_checkpoint(service, run["id"])
     os.killpg(_job_pids(service, run["id"])[0], signal.SIGTERM)  # what a cluster does on preemption
@@ -154,6 +157,16 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(service: Embe
     assert first["status"] == "interrupted" and 0 < first["iteration"] < 12 * 8
     assert second["status"] == "completed" and second["iteration"] == 12 * 8
     assert "resumed from" in (run_dir / "logs" / "attempt-2.log").read_text()
+
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    same = mlflow.search_runs(
+        [mlflow.get_run(final["mlflow_run_id"]).info.experiment_id], f"tags.`orch.run_id` = '{run['id']}'"
+    )
+    assert [r.info.run_id for r in same] == [final["mlflow_run_id"]]  # the requeued attempt continued it
+    assert same[0].data.tags["orch.attempt"] == "2" and same[0].info.status == "FINISHED"
+    assert max(m.step for m in mlflow.get_metric_history(final["mlflow_run_id"], "train/loss")) == 12 * 8
 
 
 def test_a_job_that_dies_silently_is_never_a_success(tmp_path: Path) -> None:

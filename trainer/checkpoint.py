@@ -76,7 +76,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only torch file: {exc}") from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "Weights only load failed" in first_line:
+            first_line = "it holds pickled Python objects or is not a torch file at all"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only torch file: {first_line}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
