@@ -21,7 +21,7 @@ data:
 	@bash scripts/fetch_data.sh data
 
 demo: setup
-	$(BIN)/python -m trainer --config tiny_cpu
+	$(BIN)/orchestrator demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

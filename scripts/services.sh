@@ -31,11 +31,25 @@ apt_install_missing() {
   apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+ensure_postgres() {
+  # The API tests run against a real PostgreSQL at 127.0.0.1:5432 (trust auth), preinstalled on python-svc
+  # machines; start the cluster if it is installed but down. ORCH_TEST_PG points the tests elsewhere.
+  if [ -n "${ORCH_TEST_PG:-}" ]; then return 0; fi
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then echo "postgresql: up"; return 0; fi
+  if [ -d /etc/postgresql ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && { echo "postgresql: started"; return 0; }; sleep 1; done
+  fi
+  echo "postgresql: not reachable at 127.0.0.1:5432 (set ORCH_TEST_PG to a server URL)" >&2
+  return 1
+}
+
 start() {
   local pkgs=()
   [ "${WITH_SLURM:-1}" = 1 ] && pkgs+=(slurm-wlm munge slurmdbd mariadb-server)
   [ "${WITH_BROWSER:-1}" = 1 ] && pkgs+=(chromium chromium-driver)
   [ "${#pkgs[@]}" -gt 0 ] && apt_install_missing "${pkgs[@]}" # one apt run for everything
+  ensure_postgres
   if [ "${WITH_SLURM:-1}" = 1 ]; then
     SKIP_APT=1 bash "$HERE/slurm/start.sh"
   fi
