@@ -1,0 +1,2 @@
+-- A second database on the same server for MLflow's own tables.
+CREATE DATABASE mlflow OWNER orch;
