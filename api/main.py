@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from api import problems
 from api.deps import AppState
-from api.routes import experiments, health, runs
+from api.routes import evaluations, experiments, health, runs
 from orchestrator.db.migrate import upgrade
 from orchestrator.reconciler import Reconciler
 from orchestrator.settings import Settings
@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
         lifespan=lifespan,
         openapi_tags=[
             {"name": "runs", "description": "Pretraining runs and their attempts, checkpoints and events."},
-            {"name": "experiments", "description": "Named groups of runs."},
+            {"name": "experiments", "description": "Named groups of runs and their evaluation policy."},
+            {"name": "evaluations", "description": "Benchmarks of checkpoints, triggered by the policy or by hand."},
             {"name": "health", "description": "Liveness and readiness (no token needed)."},
         ],
     )
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(runs.router)
     v1.include_router(experiments.router)
+    v1.include_router(evaluations.router)
     app.include_router(v1)
     app.include_router(health.router)
     return app

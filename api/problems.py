@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,6 +70,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TransitionError)
     async def _transition(request: Request, exc: TransitionError) -> JSONResponse:
         return problem(409, "invalid_transition", "Invalid state transition", str(exc), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger("api").exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(
+            500,
+            "internal_error",
+            "Internal error",
+            f"{type(exc).__name__}: the service failed; nothing was committed",
+            request.url.path,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

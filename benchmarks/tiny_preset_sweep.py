@@ -32,24 +32,62 @@ EASY_CROPS = ["crops.global_scale=[0.4,1.0]", "crops.local_scale=[0.2,0.5]", "cr
 CANDIDATES: dict[str, list[str]] = {
     "preset": [],
     "base": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512"],
-    "fast_teacher": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512",
-                     "optim.momentum_teacher=0.9"],
-    "teacher_0.97": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512",
-                     "optim.momentum_teacher=0.97"],
+    "fast_teacher": [
+        *SMALL,
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        "optim.momentum_teacher=0.9",
+    ],
+    "teacher_0.97": [
+        *SMALL,
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        "optim.momentum_teacher=0.97",
+    ],
     "low_lr": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512", "optim.lr=0.0005"],
     "easy_crops": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512", *EASY_CROPS],
-    "easy_crops_0.97": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512", *EASY_CROPS,
-                        "optim.momentum_teacher=0.97"],
-    "easy_crops_0.97_dino": [*SMALL, "crops.local_number=2", "head.out_dim=1024", *EASY_CROPS,
-                             "optim.momentum_teacher=0.97", "method=dino"],
+    "easy_crops_0.97": [
+        *SMALL,
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        *EASY_CROPS,
+        "optim.momentum_teacher=0.97",
+    ],
+    "easy_crops_0.97_dino": [
+        *SMALL,
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        *EASY_CROPS,
+        "optim.momentum_teacher=0.97",
+        "method=dino",
+    ],
     "base_dino": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "method=dino"],
     "out4096": [*SMALL, "crops.local_number=2", "head.out_dim=4096", "selfpatch.out_dim=1024"],
-    "no_freeze": [*SMALL, "crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512",
-                  "optim.freeze_last_layer=0", "optim.momentum_teacher=0.97"],
-    "local4_0.97": [*SMALL, "crops.local_number=4", "head.out_dim=1024", "selfpatch.out_dim=512",
-                    "optim.momentum_teacher=0.97"],
-    "wide_0.97": ["crops.local_number=2", "head.out_dim=1024", "selfpatch.out_dim=512", "head.hidden_dim=256",
-                  "optim.momentum_teacher=0.97"],
+    "no_freeze": [
+        *SMALL,
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        "optim.freeze_last_layer=0",
+        "optim.momentum_teacher=0.97",
+    ],
+    "local4_0.97": [
+        *SMALL,
+        "crops.local_number=4",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        "optim.momentum_teacher=0.97",
+    ],
+    "wide_0.97": [
+        "crops.local_number=2",
+        "head.out_dim=1024",
+        "selfpatch.out_dim=512",
+        "head.hidden_dim=256",
+        "optim.momentum_teacher=0.97",
+    ],
 }
 
 
@@ -105,17 +143,29 @@ def main() -> int:
     train_x, train_y = fmnist_tensors("train", args.train_images, 32)
     test_x, test_y = fmnist_tensors("test", args.test_images, 32)
     train_y, test_y = train_y.to(device), test_y.to(device)
-    rows = [{"candidate": "raw pixels", "teacher": knn_top1(train_x.flatten(1).to(device), train_y,
-                                                             test_x.flatten(1).to(device), test_y)}]
+    rows = [
+        {
+            "candidate": "raw pixels",
+            "teacher": knn_top1(train_x.flatten(1).to(device), train_y, test_x.flatten(1).to(device), test_y),
+        }
+    ]
     print(json.dumps(rows[0]), flush=True)
     epochs = 3
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             overrides = [
-                *CANDIDATES[name], f"device={device.type}", "precision=fp32", "logging.mlflow=false",
-                "logging.progress=off", f"checkpoint.output_dir={tmp}", "checkpoint.saveckp_freq=0",
-                f"data.path={REPO / 'data' / 'fashion-mnist'}", f"data.num_workers={args.workers}",
-                "optim.batch_size_per_gpu=64", f"optim.epochs={epochs}", "optim.warmup_epochs=1",
+                *CANDIDATES[name],
+                f"device={device.type}",
+                "precision=fp32",
+                "logging.mlflow=false",
+                "logging.progress=off",
+                f"checkpoint.output_dir={tmp}",
+                "checkpoint.saveckp_freq=0",
+                f"data.path={REPO / 'data' / 'fashion-mnist'}",
+                f"data.num_workers={args.workers}",
+                "optim.batch_size_per_gpu=64",
+                f"optim.epochs={epochs}",
+                "optim.warmup_epochs=1",
                 f"data.max_samples={args.steps * 64 // epochs}",
             ]
             cfg = load_config("tiny_cpu", overrides)
@@ -123,8 +173,12 @@ def main() -> int:
             result = train(cfg)
             seconds = time.time() - start
             state = torch.load(Path(tmp) / "checkpoint.pth", map_location="cpu", weights_only=True)
-            row: dict[str, object] = {"candidate": name, "steps": result.iteration, "train_s": round(seconds, 1),
-                                      "loss": result.metrics.get("train/loss")}
+            row: dict[str, object] = {
+                "candidate": name,
+                "steps": result.iteration,
+                "train_s": round(seconds, 1),
+                "loss": result.metrics.get("train/loss"),
+            }
             for which in ("teacher", "student", "random"):
                 torch.manual_seed(0)
                 model = build_model(cfg, student=False)

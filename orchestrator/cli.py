@@ -28,8 +28,10 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="List, show, follow, cancel and retry runs.", no_args_is_help=True)
 ckpt_app = typer.Typer(help="Checkpoint tools.", no_args_is_help=True)
+evals_app = typer.Typer(help="Evaluations of checkpoints: list, show, compare, run.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(ckpt_app, name="ckpt")
+app.add_typer(evals_app, name="evals")
 
 Url = Annotated[str, typer.Option("--url", envvar="ORCH_URL", help="Service URL.")]
 Token = Annotated[str | None, typer.Option("--token", envvar="ORCH_TOKEN", help="Bearer token.", show_default=False)]
@@ -356,6 +358,106 @@ def ckpt_export(
         fail(str(exc), 2)
     lines = [f"{fmt:12s} {out_dir / e['path']}  sha256={e['sha256'][:16]}" for fmt, e in manifest["files"].items()]
     emit(manifest, output, "\n".join([*lines, f"manifest     {out_dir / 'manifest.json'}"]))
+
+
+# ------------------------------------------------------------------------------------------- evaluations
+
+
+def eval_line(e: dict[str, Any]) -> str:
+    headlines = ("top1_k20", "top1", "bbox_AP", "mIoU")
+    headline = next((f"{k}={v:.2f}" for k, v in e["metrics"].items() if k.endswith(headlines)), "")
+    where = f"{e['benchmark']:<6} v{e['benchmark_version']} epoch {e['checkpoint_epoch']:>3}"
+    return f"{e['id']}  {e['status']:<9} {where}  {headline}  {e['error'] or ''}".rstrip()
+
+
+@evals_app.command("list")
+def evals_list(
+    run: Annotated[str | None, typer.Option(help="Only this run's evaluations.")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="knn, linear, det or seg.")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, ...")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Evaluations, newest first."""
+    with client(url, token) as api:
+        try:
+            page = api.evaluations(run_id=run, benchmark=benchmark, status=status, page_size=limit)
+        except ApiError as exc:
+            fail(str(exc))
+    emit(page, output, "\n".join(eval_line(e) for e in page["items"]) or "no evaluations")
+
+
+@evals_app.command("show")
+def evals_show(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """One evaluation with all its metrics."""
+    with client(url, token) as api:
+        try:
+            evaluation = api.evaluation(evaluation_id)
+        except ApiError as exc:
+            fail(str(exc))
+    lines = [
+        eval_line(evaluation),
+        f"  checkpoint {evaluation['checkpoint_sha256'][:16]} "
+        f"(epoch {evaluation['checkpoint_epoch']}, step {evaluation['checkpoint_step']})",
+        f"  config {evaluation['config_name']} {evaluation['config_hash'][:12]}  data {evaluation['dataset']}",
+    ]
+    lines += [f"  {name:<28} {value:8.3f}" for name, value in sorted(evaluation["metrics"].items())]
+    emit(evaluation, output, "\n".join(lines))
+
+
+@evals_app.command("compare")
+def evals_compare(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint ids to put side by side.")],
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Metrics of several checkpoints side by side (a rich table)."""
+    with client(url, token) as api:
+        try:
+            table = api.compare(checkpoints)
+        except ApiError as exc:
+            fail(str(exc))
+    if output == "json":
+        emit(table, output, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title="evaluations side by side")
+    view.add_column("metric")
+    for c in table["checkpoints"]:
+        view.add_column(f"epoch {c['epoch']}\n{c['id'][:8]}", justify="right")
+    for name, values in table["metrics"].items():
+        view.add_row(
+            name, *("-" if values[c["id"]] is None else f"{values[c['id']]:.2f}" for c in table["checkpoints"])
+        )
+    Console().print(view)
+
+
+@evals_app.command("run")
+def evals_run(
+    checkpoint_id: Annotated[str, typer.Argument(help="A recorded checkpoint's id (runs show lists them).")],
+    benchmark: Annotated[str, typer.Option(help="knn, linear, det or seg.")],
+    data: Annotated[str, typer.Option(help="Dataset root.")],
+    config: Annotated[str, typer.Option(help="tiny or full.")] = "tiny",
+    launcher: Annotated[str | None, typer.Option(help="local, slurm, ray.")] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Evaluate a checkpoint now; an identical evaluation is reused, not recomputed."""
+    body: dict[str, Any] = {"benchmark": benchmark, "data": data, "config": config}
+    if launcher:
+        body["launcher"] = launcher
+    with client(url, token) as api:
+        try:
+            evaluation = api.evaluate(checkpoint_id, body)
+        except ApiError as exc:
+            fail(str(exc), 2 if exc.status in (400, 422) else 1)
+    emit(evaluation, output, eval_line(evaluation))
 
 
 # ------------------------------------------------------------------------------------------- demo

@@ -92,6 +92,24 @@ class Client:
         text: str = self.request("GET", f"/api/v1/runs/{run_id}/logs", params={"tail": tail}) or ""
         return text
 
+    # ---- evaluations
+    def evaluations(self, **params: Any) -> Any:
+        return self.request("GET", "/api/v1/evaluations", params={k: v for k, v in params.items() if v is not None})
+
+    def evaluation(self, evaluation_id: str) -> Any:
+        return self.request("GET", f"/api/v1/evaluations/{evaluation_id}")
+
+    def compare(self, checkpoint_ids: list[str]) -> Any:
+        return self.request("GET", "/api/v1/evaluations/compare", params={"checkpoint": checkpoint_ids})
+
+    def evaluate(self, checkpoint_id: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", f"/api/v1/checkpoints/{checkpoint_id}/evaluations", json=body)
+
+    def experiment(self, name: str, body: dict[str, Any] | None = None) -> Any:
+        if body is None:
+            return self.request("GET", f"/api/v1/experiments/{name}")
+        return self.request("PATCH", f"/api/v1/experiments/{name}", json=body)
+
     def ready(self) -> bool:
         try:
             return self.http.get("/readyz").status_code == 200

@@ -20,10 +20,12 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
-from orchestrator.db.models import Attempt, Run, utcnow
+from orchestrator.db.models import Attempt, Evaluation, Run, utcnow
 from orchestrator.db.session import Database
+from orchestrator.evaluations import ACTIVE, EvalJob, eval_dir, plan_final
+from orchestrator.evaluations import read_result as read_eval_result
 from orchestrator.launchers import Launchers
-from orchestrator.launchers.base import JobState, JobStatus, LauncherError
+from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
 from orchestrator.lifecycle import TERMINAL, RunStatus, path_to
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.service import get_run, record_checkpoint, record_event, run_token, transition
@@ -122,6 +124,7 @@ class Reconciler:
             except Exception as exc:  # one bad run must not stop the others
                 log.exception("run %s", run_id)
                 stats.errors.append(f"{run_id}: {exc}")
+        self._evaluations_pass(stats)
         stats.seconds = time.perf_counter() - started
         return stats
 
@@ -298,6 +301,7 @@ class Reconciler:
                 continue
             record_checkpoint(
                 session,
+                self.settings,
                 run,
                 attempt=attempt,
                 path=record["path"],
@@ -338,6 +342,8 @@ class Reconciler:
             else:
                 run.progress = {**run.progress, "iteration": result.get("iteration") if result else None}
                 advance(session, run, RunStatus.SUCCEEDED, "training completed")
+                if run.experiment.eval_policy.get("benchmarks"):
+                    plan_final(session, self.settings, run)
         elif outcome == "interrupted" or (job.state in (JobState.PREEMPTED, JobState.LOST) and outcome != "failed"):
             why = (result or {}).get("reason") or job.reason or job.state.value
             attempt.exit_reason = why
@@ -363,3 +369,146 @@ class Reconciler:
                 self.mlflow.terminate(run.mlflow_run_id, RunStatus(run.status))
             except Exception as exc:  # MLflow is the view, SQL the truth: never fail a transition on it
                 log.warning("MLflow status of run %s not updated: %s", run.id, exc)
+
+    # ------------------------------------------------------------------ evaluations
+
+    def _evaluations_pass(self, stats: PassStats) -> None:
+        """Launch queued evaluations on their own launcher queue, follow the others, retry failures."""
+        with self.db.transaction() as session:
+            rows = session.execute(
+                select(Evaluation.id, Evaluation.status, Evaluation.launcher, Evaluation.backend_job_id)
+                .where(Evaluation.status.in_([*ACTIVE, "submitting"]))
+                .order_by(Evaluation.created_at)
+            ).all()
+        jobs: dict[str, list[str]] = {}
+        for _, status, launcher, job_id in rows:
+            if status in ("submitted", "running") and job_id:
+                jobs.setdefault(launcher, []).append(job_id)
+        polls: dict[str, JobStatus] = {}
+        for backend, ids in jobs.items():
+            try:
+                polls.update(self.launchers.get(backend, queue="eval").poll_many(ids))
+            except LauncherError as exc:
+                stats.errors.append(f"{backend} (evaluations): {exc}")
+        capacity: dict[str, int | None] = {}
+        for evaluation_id, status, launcher, job_id in rows:
+            try:
+                if status in ("queued", "submitting"):
+                    if launcher not in capacity:
+                        capacity[launcher] = self.launchers.get(launcher, queue="eval").capacity()
+                    free = capacity[launcher]
+                    if free is not None and free <= 0 and status == "queued":
+                        continue
+                    if self._launch_evaluation(evaluation_id) and free is not None:
+                        capacity[launcher] = free - 1
+                elif job_id and job_id in polls:
+                    self._follow_evaluation(evaluation_id, polls[job_id])
+            except Exception as exc:
+                log.exception("evaluation %s", evaluation_id)
+                stats.errors.append(f"evaluation {evaluation_id}: {exc}")
+
+    def _launch_evaluation(self, evaluation_id: uuid.UUID) -> bool:
+        with self.db.transaction() as session:
+            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
+            if evaluation is None or evaluation.status not in ("queued", "submitting"):
+                return False
+            if evaluation.status == "queued":  # a new attempt; "submitting" repeats a crashed submission
+                evaluation.attempts += 1
+                evaluation.status = "submitting"
+            run = get_run(session, evaluation.run_id)
+            folder = eval_dir(self.settings, evaluation)
+            EvalJob(
+                evaluation_id=str(evaluation.id),
+                run_id=str(run.id),
+                benchmark=evaluation.benchmark,
+                config=evaluation.config,
+                dataset=evaluation.dataset,
+                checkpoint=evaluation.checkpoint.path,
+                checkpoint_sha256=evaluation.checkpoint_sha256,
+                checkpoint_step=evaluation.checkpoint.step,
+                cache_dir=str(self.settings.home.resolve() / "feature-cache"),
+                mlflow_tracking_uri=self.mlflow.tracking_uri if self.mlflow else self.settings.tracking_uri,
+                mlflow_experiment_id=run.mlflow_experiment_id,
+                mlflow_parent_run_id=run.mlflow_run_id,
+            ).write(folder)
+            attempt = evaluation.attempts
+            spec = JobSpec(
+                run_id=str(evaluation.id),
+                attempt=attempt,
+                name=f"orch-eval-{evaluation.benchmark}-{str(evaluation.id)[:8]}",
+                argv=[self.settings.python, "-m", "orchestrator.eval_worker", str(folder), "--attempt", str(attempt)],
+                workdir=folder,
+                resources=Resources.model_validate(evaluation.resources),
+            )
+            launcher_name = evaluation.launcher
+        launcher = self.launchers.get(launcher_name, queue="eval")
+        try:
+            job_id, error = launcher.submit(spec), None
+        except LauncherError as exc:
+            job_id, error = None, str(exc)
+        with self.db.transaction() as session:
+            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
+            assert evaluation is not None
+            if error is not None:
+                evaluation.status, evaluation.error, evaluation.ended_at = (
+                    "failed",
+                    f"submission failed: {error}",
+                    utcnow(),
+                )
+                return False
+            evaluation.status, evaluation.backend_job_id = "submitted", job_id
+        return True
+
+    def _follow_evaluation(self, evaluation_id: uuid.UUID, job: JobStatus) -> None:
+        with self.db.transaction() as session:
+            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
+            if evaluation is None or evaluation.status not in ("submitted", "running"):
+                return
+            if job.state == JobState.RUNNING:
+                evaluation.status = "running"
+                evaluation.started_at = evaluation.started_at or job.started_at or utcnow()
+                return
+            if not job.state.ended:
+                return
+            result = read_eval_result(eval_dir(self.settings, evaluation), evaluation.attempts) or {}
+            run = get_run(session, evaluation.run_id)
+            evaluation.started_at = evaluation.started_at or job.started_at
+            if result.get("status") == "completed" and job.state == JobState.COMPLETED:
+                evaluation.status, evaluation.error = "succeeded", None
+                evaluation.metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
+                evaluation.seconds = result.get("seconds")
+                evaluation.mlflow_run_id = result.get("mlflow_run_id")
+                evaluation.ended_at = utcnow()
+                record_event(
+                    session,
+                    run,
+                    "evaluation",
+                    ACTOR,
+                    f"{evaluation.benchmark} succeeded",
+                    evaluation_id=str(evaluation.id),
+                    metrics=evaluation.metrics,
+                )
+                return
+            error = result.get("error") or job.reason or f"job {job.state.value}"
+            evaluation.error = error
+            evaluation.mlflow_run_id = result.get("mlflow_run_id") or evaluation.mlflow_run_id
+            if evaluation.attempts < evaluation.max_attempts:
+                evaluation.status, evaluation.backend_job_id = "queued", None  # retried on the next pass
+                record_event(
+                    session,
+                    run,
+                    "evaluation",
+                    ACTOR,
+                    f"{evaluation.benchmark} attempt {evaluation.attempts} failed, retrying: {error}",
+                    evaluation_id=str(evaluation.id),
+                )
+            else:
+                evaluation.status, evaluation.ended_at = "failed", utcnow()
+                record_event(
+                    session,
+                    run,
+                    "evaluation",
+                    ACTOR,
+                    f"{evaluation.benchmark} failed: {error}",
+                    evaluation_id=str(evaluation.id),
+                )

@@ -23,15 +23,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+BenchmarkName = Literal["knn", "linear", "det", "seg"]
+
+
+class EvalSpec(_Strict):
+    """One benchmark to run on a run's checkpoints."""
+
+    benchmark: BenchmarkName
+    data: str = Field(min_length=1, description="Dataset root (Fashion-MNIST/ImageFolder, COCO or ADE20K layout).")
+    config: str = Field("tiny", description="Benchmark config: 'tiny' (CPU minutes) or 'full' (the paper's).")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides of the benchmark config.")
+    every_n_epochs: int | None = Field(None, ge=1, description="Evaluate every N-th epoch's checkpoint.")
+    final: bool = Field(True, description="Evaluate the final checkpoint when the run succeeds.")
+    launcher: LauncherName | None = Field(None, description="Where evaluations run (default: the service default).")
+    resources: Resources = Field(default_factory=Resources, description="Their own partition/QoS/GPUs.")
+    max_attempts: int = Field(2, ge=1, le=10, description="Attempts before an evaluation is failed.")
+
+
+class EvalPolicy(_Strict):
+    """Which benchmarks run on which checkpoints of an experiment's runs."""
+
+    benchmarks: list[EvalSpec] = Field(default_factory=list)
+
+
 class ExperimentCreate(_Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/\-]*$")
     description: str = Field("", max_length=10_000)
-    eval_policy: dict[str, Any] = Field(default_factory=dict, description="Which benchmarks run on which checkpoints.")
+    eval_policy: EvalPolicy = Field(
+        default_factory=EvalPolicy, description="Which benchmarks run on which checkpoints."
+    )
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"name": "selfpatch/in1k", "description": "ViT-S/16 ablations"}]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "selfpatch/fashion-mnist",
+                    "description": "tiny ablations",
+                    "eval_policy": {
+                        "benchmarks": [
+                            {"benchmark": "knn", "data": "data/fashion-mnist", "every_n_epochs": 1},
+                            {"benchmark": "det", "data": "data/composites", "final": True},
+                        ]
+                    },
+                }
+            ]
+        },
     )
+
+
+class ExperimentUpdate(_Strict):
+    description: str | None = Field(None, max_length=10_000)
+    eval_policy: EvalPolicy | None = None
 
 
 class ExperimentPublic(BaseModel):
@@ -158,6 +201,56 @@ class RunReport(_Strict):
     status: str | None = None
     reason: str | None = None
     model_config = ConfigDict(extra="ignore")  # jobs of newer versions may send more
+
+
+class EvaluationCreate(_Strict):
+    """Evaluate one checkpoint now (deduplicated: an identical evaluation is returned, not recomputed)."""
+
+    benchmark: BenchmarkName
+    data: str = Field(min_length=1)
+    config: str = "tiny"
+    overrides: list[str] = Field(default_factory=list)
+    launcher: LauncherName | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_attempts: int = Field(2, ge=1, le=10)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"benchmark": "knn", "data": "data/fashion-mnist", "config": "tiny"}]},
+    )
+
+
+class EvaluationPublic(BaseModel):
+    id: uuid.UUID
+    run_id: uuid.UUID
+    checkpoint_id: uuid.UUID
+    checkpoint_sha256: str
+    checkpoint_epoch: int
+    checkpoint_step: int
+    benchmark: str
+    benchmark_version: str
+    config_name: str
+    config_hash: str
+    dataset: str
+    trigger: str
+    status: str
+    launcher: str
+    attempts: int
+    max_attempts: int
+    metrics: dict[str, float]
+    error: str | None
+    mlflow_run_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    seconds: float | None
+
+
+class Comparison(BaseModel):
+    """Checkpoints side by side: metrics[name][checkpoint id] (None where not evaluated)."""
+
+    checkpoints: list[CheckpointPublic]
+    metrics: dict[str, dict[str, float | None]]
 
 
 class DryRun(BaseModel):

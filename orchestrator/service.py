@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from orchestrator.db.models import Attempt, Checkpoint, Event, Experiment, Run, utcnow
@@ -123,19 +124,28 @@ def page_after(
 
 
 def get_or_create_experiment(session: Session, name: str, description: str = "") -> Experiment:
+    """Race-safe: concurrent first submits to a new experiment create it once (a savepoint absorbs the loser)."""
     found = session.scalar(select(Experiment).where(Experiment.name == name))
     if found is not None:
         return found
-    experiment = Experiment(name=name, description=description, eval_policy={})
-    session.add(experiment)
-    session.flush()
-    return experiment
+    try:
+        with session.begin_nested():
+            experiment = Experiment(name=name, description=description, eval_policy={})
+            session.add(experiment)
+        return experiment
+    except IntegrityError:
+        found = session.scalar(select(Experiment).where(Experiment.name == name))
+        if found is None:
+            raise
+        return found
 
 
 def create_experiment(session: Session, body: ExperimentCreate) -> Experiment:
     if session.scalar(select(Experiment.id).where(Experiment.name == body.name)) is not None:
         raise ConflictError(f"an experiment named {body.name!r} exists", field="name")
-    experiment = Experiment(name=body.name, description=body.description, eval_policy=body.eval_policy)
+    experiment = Experiment(
+        name=body.name, description=body.description, eval_policy=body.eval_policy.model_dump(mode="json")
+    )
     session.add(experiment)
     session.flush()
     return experiment
@@ -279,9 +289,20 @@ def current_attempt(run: Run) -> Attempt | None:
 
 
 def record_checkpoint(
-    session: Session, run: Run, *, attempt: int, path: str, epoch: int, step: int, sha256: str, kind: str, actor: str
+    session: Session,
+    settings: Settings,
+    run: Run,
+    *,
+    attempt: int,
+    path: str,
+    epoch: int,
+    step: int,
+    sha256: str,
+    kind: str,
+    actor: str,
 ) -> Checkpoint | None:
-    """Idempotent: the same (path, sha256) is recorded once, whoever reports it first (job or reconciler)."""
+    """Idempotent: the same (path, sha256) is recorded once, whoever reports it first (job or reconciler).
+    A new numbered checkpoint gets the evaluations its experiment's policy asks for."""
     exists = session.scalar(
         select(Checkpoint.id).where(Checkpoint.run_id == run.id, Checkpoint.path == path, Checkpoint.sha256 == sha256)
     )
@@ -291,10 +312,14 @@ def record_checkpoint(
     session.add(checkpoint)
     session.flush()
     record_event(session, run, "checkpoint", actor, None, path=path, epoch=epoch, step=step, sha256=sha256)
+    if run.experiment.eval_policy.get("benchmarks"):
+        from orchestrator.evaluations import plan_for_checkpoint
+
+        plan_for_checkpoint(session, settings, run, checkpoint)
     return checkpoint
 
 
-def apply_report(session: Session, run: Run, report: RunReport) -> None:
+def apply_report(session: Session, settings: Settings, run: Run, report: RunReport) -> None:
     """A job's own account of its progress. Success is never taken from a report alone: the reconciler
     settles the run once the scheduler confirms that the job has exited."""
     actor = f"job:attempt-{report.attempt}"
@@ -330,6 +355,7 @@ def apply_report(session: Session, run: Run, report: RunReport) -> None:
             raise InvalidInputError("a checkpoint report needs path, sha256, epoch and iteration", field="path")
         record_checkpoint(
             session,
+            settings,
             run,
             attempt=report.attempt,
             path=report.path,

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     python: str = Field(sys.executable, description="Python interpreter that runs jobs (this venv by default).")
     default_launcher: str = Field("local", description="Launcher for runs that name none.")
     local_max_concurrent: int = Field(1, ge=1, description="Local launcher: jobs running at once.")
+    local_eval_max_concurrent: int = Field(1, ge=1, description="Local launcher: evaluations running at once.")
     slurm_partition: str | None = Field(None, description="Default SLURM partition.")
     ray_address: str | None = Field(None, description="Ray cluster address (http://host:8265); None = start one.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="Reconciler poll period.")

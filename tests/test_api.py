@@ -238,3 +238,17 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
         assert path in paths, path
     assert spec["components"]["schemas"]["RunCreate"]["examples"][0]["preset"] == "tiny_cpu"
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_concurrent_first_submits_to_a_new_experiment_create_it_once(settings: Any) -> None:
+    with EmbeddedService(settings, port=free_port(), reconciler=False) as service:
+
+        def submit(_: int) -> int:
+            payload = {**TINY, "experiment": "fresh-experiment"}
+            return httpx.post(f"{service.url}/api/v1/runs", json=payload, headers=auth(), timeout=60).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            statuses = list(pool.map(submit, range(10)))
+        names = [e["name"] for e in httpx.get(f"{service.url}/api/v1/experiments", headers=auth()).json()["items"]]
+    assert statuses == [202] * 10
+    assert names == ["fresh-experiment"] and count_rows(settings, Run) == 10

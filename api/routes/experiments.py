@@ -11,7 +11,8 @@ from sqlalchemy import select
 from api.deps import Admin, Reader, SessionDep, StateDep
 from api.idempotency import request_fingerprint, run_once
 from orchestrator.db.models import Experiment
-from orchestrator.schemas import ExperimentCreate, ExperimentPublic, Page
+from orchestrator.evaluations import validate_policy
+from orchestrator.schemas import ExperimentCreate, ExperimentPublic, ExperimentUpdate, Page
 from orchestrator.service import create_experiment, encode_cursor, get_experiment, page_after
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
@@ -29,6 +30,9 @@ def create(
     request: Request,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
+    if body.eval_policy.benchmarks:
+        validate_policy(body.eval_policy)
+
     def work(session: Any) -> tuple[int, dict[str, Any]]:
         data: dict[str, Any] = experiment_public(create_experiment(session, body)).model_dump(mode="json")
         return 201, data
@@ -58,6 +62,19 @@ def list_(
     rows = rows[:page_size]
     token = encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
     return Page[ExperimentPublic](items=[experiment_public(e) for e in rows], next_page_token=token)
+
+
+@router.patch("/{experiment}", response_model=ExperimentPublic, summary="Change the description or evaluation policy")
+def update(experiment: str, body: ExperimentUpdate, state: StateDep, _: Admin) -> ExperimentPublic:
+    if body.eval_policy is not None:
+        validate_policy(body.eval_policy)
+    with state.db.transaction() as session:
+        found = get_experiment(session, experiment)
+        if body.description is not None:
+            found.description = body.description
+        if body.eval_policy is not None:
+            found.eval_policy = body.eval_policy.model_dump(mode="json")
+        return experiment_public(found)
 
 
 @router.get("/{experiment}", response_model=ExperimentPublic, summary="Show an experiment (id or name)")

@@ -266,5 +266,5 @@ def report(run_id: str, body: RunReport, state: StateDep, token: RunToken) -> No
         run = get_run(session, ident, lock=True)
         if RunStatus(run.status).terminal and body.kind != "checkpoint":
             return None  # a late report of a cancelled run changes nothing
-        apply_report(session, run, body)
+        apply_report(session, state.settings, run, body)
     return None

@@ -164,6 +164,42 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class Evaluation(Base):
+    """One benchmark on one checkpoint. `dedup_key` (checkpoint sha256, benchmark, version, config hash,
+    dataset) is unique: the same evaluation is never computed twice, whoever asks for it."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_created", "created_at", "id"), Index("ix_evaluations_status", "status"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    dedup_key: Mapped[str] = mapped_column(String(64), unique=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id"), index=True)
+    checkpoint_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    benchmark: Mapped[str] = mapped_column(String(32))
+    benchmark_version: Mapped[str] = mapped_column(String(16))
+    config_name: Mapped[str] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]] = mapped_column()
+    config_hash: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(Text)
+    trigger: Mapped[str] = mapped_column(String(32))  # policy:every_n, policy:final, manual
+    status: Mapped[str] = mapped_column(String(16))  # queued, submitted, running, succeeded, failed, cancelled
+    launcher: Mapped[str] = mapped_column(String(32))
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=2)
+    backend_job_id: Mapped[str | None] = mapped_column(String(128))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+    checkpoint: Mapped[Checkpoint] = relationship()
+
+
 class IdempotencyRecord(Base):
     """The reply to a creating POST, replayed when the same Idempotency-Key comes again."""
 

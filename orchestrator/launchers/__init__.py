@@ -23,16 +23,20 @@ class Launchers:
                 close()
         self._made.clear()
 
-    def get(self, name: str) -> Launcher:
-        if name not in self._made:
-            self._made[name] = self._make(name)
-        return self._made[name]
+    def get(self, name: str, queue: str = "train") -> Launcher:
+        """The launcher `name` for a queue: evaluations (queue 'eval') have their own local job slots."""
+        key = f"{name}:{queue}" if name == "local" else name
+        if key not in self._made:
+            self._made[key] = self._make(name, queue)
+        return self._made[key]
 
-    def _make(self, name: str) -> Launcher:
+    def _make(self, name: str, queue: str = "train") -> Launcher:
         settings = self.settings
         if name == "local":
             from orchestrator.launchers.local import LocalLauncher
 
+            if queue == "eval":
+                return LocalLauncher(settings.home.resolve() / "local-eval-jobs", settings.local_eval_max_concurrent)
             return LocalLauncher(settings.home.resolve() / "local-jobs", settings.local_max_concurrent)
         if name == "dryrun":
             from orchestrator.launchers.dryrun import DryRunLauncher
