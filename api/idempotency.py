@@ -28,6 +28,18 @@ def request_fingerprint(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def idempotent_post(state: Any, principal: Any, request: Any, key: str | None, body: Any, work: Work) -> JSONResponse:
+    """`run_once` scoped to the caller and the path, with the service's TTL."""
+    return run_once(
+        state.db,
+        scope=f"{principal.name}\nPOST\n{request.url.path}",
+        key=key,
+        fingerprint=request_fingerprint(body),
+        ttl_s=state.settings.idempotency_ttl_s,
+        work=work,
+    )
+
+
 def run_once(db: Database, *, scope: str, key: str | None, fingerprint: str, ttl_s: float, work: Work) -> JSONResponse:
     if key is None:
         with db.transaction() as session:

@@ -158,6 +158,14 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+    return rows
+
+
+def bench_reconciler(name: str, db_url: str, args: argparse.Namespace) -> dict[str, object]:
+    """Steady state: `args.active` runs whose jobs are submitted and still queued by their scheduler."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        upgrade(db_url)
         seed_active_runs(db_url, home, args.active)
         settings = Settings(home=home, database_url=db_url, mlflow_tracking_uri=f"sqlite:///{home / 'm.db'}")
         db = Database(db_url)
@@ -167,15 +175,12 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict
             stats = reconciler.reconcile_once()
             passes.append(stats.seconds)
         db.dispose()
-        rows.append(
-            {
-                "backend": name,
-                "what": f"reconcile pass, {stats.runs} active runs",
-                "seconds": min(passes),
-                "errors": len(stats.errors),
-            }
-        )
-    return rows
+    return {
+        "backend": name,
+        "what": f"reconcile pass, {stats.runs} active runs",
+        "seconds": min(passes),
+        "errors": len(stats.errors),
+    }
 
 
 def main() -> int:
@@ -187,15 +192,22 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
-    name = f"orch_bench_{uuid.uuid4().hex[:8]}"
+        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args))
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        rows += bench_backend("postgresql", PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", args)
-    finally:
+    for purpose in ("load", "reconcile"):
+        name = f"orch_bench_{purpose}_{uuid.uuid4().hex[:8]}"
         with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+            rows += (
+                bench_backend("postgresql", url, args)
+                if purpose == "load"
+                else [bench_reconciler("postgresql", url, args)]
+            )
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     print(
         f"{args.clients} concurrent clients, {args.requests} requests per row, one uvicorn worker, "
         f"{os.cpu_count()} CPU cores shared by client and server"

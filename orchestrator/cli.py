@@ -12,13 +12,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from orchestrator.client import DEFAULT_URL, ApiError, Client, default_token
 
+T = TypeVar("T")
 app = typer.Typer(
     name="orchestrator",
     help="Run DINO / SelfPatch pretraining as a service: submit, follow, cancel, retry, export.",
@@ -39,13 +41,22 @@ Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
 def client(url: str, token: str | None) -> Client:
     return Client(url, token or default_token())
+
+
+def call(url: str, token: str | None, action: Callable[[Client], T]) -> T:
+    """One API call: its result, or a one-line error and exit code 2 (bad input) or 1 (anything else)."""
+    with client(url, token) as api:
+        try:
+            return action(api)
+        except ApiError as exc:
+            fail(str(exc), 2 if exc.status in (400, 422) else 1)
 
 
 def emit(data: Any, output: str, text: str) -> None:
@@ -170,25 +181,18 @@ def submit(
         if value:
             resources[key] = value
     body = submission(config, overrides or [], experiment, name, launcher, resources)
-    with client(url, token) as api:
-        try:
-            result = api.submit(body, dry_run=dry_run, idempotency_key=idempotency_key)
-        except ApiError as exc:
-            fail(str(exc), 2 if exc.status in (400, 422) else 1)
-        if dry_run:
-            emit(
-                result,
-                output,
-                f"# launcher: {result['launcher']}  config_hash: {result['config_hash']}\n{result['rendered']}",
-            )
-            return
-        emit(result, output, f"submitted {result['id']} ({result['name']}), status {result['status']}")
-        if follow:
-            final = follow_run(api, result["id"], quiet=output == "json")
-            if output == "json":
-                emit(final, output, "")
-            if final["status"] != "succeeded":
-                raise typer.Exit(1)
+    result = call(url, token, lambda api: api.submit(body, dry_run=dry_run, idempotency_key=idempotency_key))
+    if dry_run:
+        rendered = f"# launcher: {result['launcher']}  config_hash: {result['config_hash']}\n{result['rendered']}"
+        emit(result, output, rendered)
+        return
+    emit(result, output, f"submitted {result['id']} ({result['name']}), status {result['status']}")
+    if follow:
+        final = call(url, token, lambda api: follow_run(api, result["id"], quiet=output == "json"))
+        if output == "json":
+            emit(final, output, "")
+        if final["status"] != "succeeded":
+            raise typer.Exit(1)
 
 
 def follow_run(api: Client, run_id: str, quiet: bool = False, poll_s: float = 2.0) -> dict[str, Any]:
@@ -254,23 +258,14 @@ def runs_list(
     output: Output = "text",
 ) -> None:
     """Runs, newest first."""
-    with client(url, token) as api:
-        try:
-            page = api.runs(page_size=limit, status=status, experiment=experiment)
-        except ApiError as exc:
-            fail(str(exc))
+    page = call(url, token, lambda api: api.runs(page_size=limit, status=status, experiment=experiment))
     emit(page, output, "\n".join(run_line(r) for r in page["items"]) or "no runs")
 
 
 @runs_app.command("show")
 def runs_show(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """One run with its attempts and checkpoints."""
-    with client(url, token) as api:
-        try:
-            run = api.run(run_id)
-            run["checkpoints"] = api.checkpoints(run_id)
-        except ApiError as exc:
-            fail(str(exc))
+    run = call(url, token, lambda api: {**api.run(run_id), "checkpoints": api.checkpoints(run_id)})
     lines = [run_line(run), f"  reason: {run.get('status_reason')}", f"  config hash: {run['config_hash']}"]
     lines += [
         f"  attempt {a['number']}: {a['backend']} job {a['backend_job_id']} {a['state']} "
@@ -292,44 +287,28 @@ def runs_logs(
     output: Output = "text",
 ) -> None:
     """Tail of the latest attempt's log."""
-    with client(url, token) as api:
-        try:
-            text = api.logs(run_id, tail)
-        except ApiError as exc:
-            fail(str(exc))
+    text = call(url, token, lambda api: api.logs(run_id, tail))
     emit({"run_id": run_id, "log": text}, output, text.rstrip("\n"))
 
 
 @runs_app.command("cancel")
 def runs_cancel(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """Cancel a run (its job is stopped)."""
-    with client(url, token) as api:
-        try:
-            run = api.cancel(run_id)
-        except ApiError as exc:
-            fail(str(exc))
+    run = call(url, token, lambda api: api.cancel(run_id))
     emit(run, output, f"{run['id']} {run['status']}")
 
 
 @runs_app.command("retry")
 def runs_retry(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """Submit a finished run again as a new run with the same config."""
-    with client(url, token) as api:
-        try:
-            run = api.retry(run_id)
-        except ApiError as exc:
-            fail(str(exc))
+    run = call(url, token, lambda api: api.retry(run_id))
     emit(run, output, f"submitted {run['id']} (retry of {run_id}), status {run['status']}")
 
 
 @runs_app.command("follow")
 def runs_follow(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """Follow a run until it ends; exit code 0 only if it succeeded."""
-    with client(url, token) as api:
-        try:
-            final = follow_run(api, run_id, quiet=output == "json")
-        except ApiError as exc:
-            fail(str(exc))
+    final = call(url, token, lambda api: follow_run(api, run_id, quiet=output == "json"))
     if output == "json":
         emit(final, output, "")
     if final["status"] != "succeeded":
@@ -381,22 +360,16 @@ def evals_list(
     output: Output = "text",
 ) -> None:
     """Evaluations, newest first."""
-    with client(url, token) as api:
-        try:
-            page = api.evaluations(run_id=run, benchmark=benchmark, status=status, page_size=limit)
-        except ApiError as exc:
-            fail(str(exc))
+    page = call(
+        url, token, lambda api: api.evaluations(run_id=run, benchmark=benchmark, status=status, page_size=limit)
+    )
     emit(page, output, "\n".join(eval_line(e) for e in page["items"]) or "no evaluations")
 
 
 @evals_app.command("show")
 def evals_show(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """One evaluation with all its metrics."""
-    with client(url, token) as api:
-        try:
-            evaluation = api.evaluation(evaluation_id)
-        except ApiError as exc:
-            fail(str(exc))
+    evaluation = call(url, token, lambda api: api.evaluation(evaluation_id))
     lines = [
         eval_line(evaluation),
         f"  checkpoint {evaluation['checkpoint_sha256'][:16]} "
@@ -415,11 +388,7 @@ def evals_compare(
     output: Output = "text",
 ) -> None:
     """Metrics of several checkpoints side by side (a rich table)."""
-    with client(url, token) as api:
-        try:
-            table = api.compare(checkpoints)
-        except ApiError as exc:
-            fail(str(exc))
+    table = call(url, token, lambda api: api.compare(checkpoints))
     if output == "json":
         emit(table, output, "")
         return
@@ -452,11 +421,7 @@ def evals_run(
     body: dict[str, Any] = {"benchmark": benchmark, "data": data, "config": config}
     if launcher:
         body["launcher"] = launcher
-    with client(url, token) as api:
-        try:
-            evaluation = api.evaluate(checkpoint_id, body)
-        except ApiError as exc:
-            fail(str(exc), 2 if exc.status in (400, 422) else 1)
+    evaluation = call(url, token, lambda api: api.evaluate(checkpoint_id, body))
     emit(evaluation, output, eval_line(evaluation))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.evaluations import EvalJob
+from orchestrator.worker import result_path
 from trainer.checkpoint import atomic_write
 
 log = logging.getLogger("orchestrator.eval_worker")
@@ -25,7 +26,7 @@ log = logging.getLogger("orchestrator.eval_worker")
 
 def write_result(folder: Path, attempt: int, status: str, **data: Any) -> None:
     record = {"attempt": attempt, "status": status, "at": time.time(), "host": socket.gethostname(), **data}
-    atomic_write(folder / f"result-{attempt}.json", lambda tmp: tmp.write_text(json.dumps(record, default=str)))
+    atomic_write(result_path(folder, attempt), lambda tmp: tmp.write_text(json.dumps(record, default=str)))
 
 
 def log_child_run(job: EvalJob, status: str, metrics: dict[str, float], extra_tags: dict[str, str]) -> str | None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Checkpoint, Evaluation, Run
 from orchestrator.schemas import EvalPolicy, EvalSpec, EvaluationCreate
-from orchestrator.service import InvalidInputError, NotFoundError, record_event
+from orchestrator.service import InvalidInputError, get_by_id, record_event
 from orchestrator.settings import Settings
 from trainer.checkpoint import atomic_write
 from trainer.presets import ConfigError
@@ -169,37 +169,15 @@ def plan_final(session: Session, settings: Settings, run: Run) -> list[Evaluatio
 
 
 def get_evaluation(session: Session, ident: str | uuid.UUID) -> Evaluation:
-    try:
-        key = ident if isinstance(ident, uuid.UUID) else uuid.UUID(str(ident))
-    except ValueError as exc:
-        raise NotFoundError(f"no evaluation {ident!r}") from exc
-    found = session.get(Evaluation, key)
-    if found is None:
-        raise NotFoundError(f"no evaluation {ident!r}")
-    return found
+    return get_by_id(session, Evaluation, ident, "evaluation")
 
 
 def get_checkpoint(session: Session, ident: str | uuid.UUID) -> Checkpoint:
-    try:
-        key = ident if isinstance(ident, uuid.UUID) else uuid.UUID(str(ident))
-    except ValueError as exc:
-        raise NotFoundError(f"no checkpoint {ident!r}") from exc
-    found = session.get(Checkpoint, key)
-    if found is None:
-        raise NotFoundError(f"no checkpoint {ident!r}")
-    return found
+    return get_by_id(session, Checkpoint, ident, "checkpoint")
 
 
 def eval_dir(settings: Settings, evaluation: Evaluation) -> Path:
     return settings.runs_root / str(evaluation.run_id) / "evals" / str(evaluation.id)
-
-
-def read_result(folder: Path, attempt: int) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads((folder / f"result-{attempt}.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return None
 
 
 def compare(session: Session, checkpoint_ids: list[str]) -> tuple[list[Checkpoint], dict[str, dict[str, float | None]]]:

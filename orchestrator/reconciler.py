@@ -23,14 +23,13 @@ from sqlalchemy import or_, select
 from orchestrator.db.models import Attempt, Evaluation, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.evaluations import ACTIVE, EvalJob, eval_dir, plan_final
-from orchestrator.evaluations import read_result as read_eval_result
 from orchestrator.launchers import Launchers
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
 from orchestrator.lifecycle import TERMINAL, RunStatus, path_to
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.service import get_run, record_checkpoint, record_event, run_token, transition
 from orchestrator.settings import Settings
-from orchestrator.worker import JobFile, result_path, train_dir
+from orchestrator.worker import JobFile, read_result, train_dir
 
 log = logging.getLogger("orchestrator.reconciler")
 ACTOR = "reconciler"
@@ -50,14 +49,6 @@ def advance(session: Any, run: Run, target: RunStatus, reason: str | None, **dat
     """Walk the allowed transitions to `target`, logging each (a poll can miss intermediate states)."""
     for step in path_to(RunStatus(run.status), target):
         transition(session, run, step, ACTOR, reason if step == target else f"(passed through) {reason or ''}", **data)
-
-
-def read_result(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(result_path(run_dir, attempt).read_text())
-        return data
-    except (OSError, ValueError):
-        return None
 
 
 class Reconciler:
@@ -95,10 +86,17 @@ class Reconciler:
                 .order_by(Run.created_at)
             ).all()
             job_ids: dict[str, list[str]] = {}
-            for attempt in session.scalars(
-                select(Attempt).where(Attempt.state != "ended", Attempt.backend_job_id.is_not(None))
-            ):
-                job_ids.setdefault(attempt.backend, []).append(str(attempt.backend_job_id))
+            latest: dict[uuid.UUID, tuple[str, str | None]] = {}  # run -> (attempt state, job id)
+            active = [row[0] for row in rows]
+            for start in range(0, len(active), 500):
+                for run_id, state, backend, job_id in session.execute(
+                    select(Attempt.run_id, Attempt.state, Attempt.backend, Attempt.backend_job_id)
+                    .where(Attempt.run_id.in_(active[start : start + 500]))
+                    .order_by(Attempt.number)
+                ):
+                    latest[run_id] = (state, job_id)
+                    if state != "ended" and job_id is not None:
+                        job_ids.setdefault(backend, []).append(str(job_id))
         polls: dict[str, JobStatus] = {}
         for backend, ids in job_ids.items():
             try:
@@ -119,7 +117,7 @@ class Reconciler:
                         stats.launched += 1
                         if free is not None:
                             capacity[launcher] = free - 1
-                else:
+                elif self._may_change(RunStatus(status), latest.get(run_id), polls):
                     stats.settled += self._follow(run_id, polls)
             except Exception as exc:  # one bad run must not stop the others
                 log.exception("run %s", run_id)
@@ -206,6 +204,17 @@ class Reconciler:
         return True
 
     # ------------------------------------------------------------------ following
+
+    @staticmethod
+    def _may_change(status: RunStatus, attempt: tuple[str, str | None] | None, polls: dict[str, JobStatus]) -> bool:
+        """Skip the locking transaction for the common pass where nothing can change: a job still queued
+        by its scheduler for a run already marked submitted or requeued."""
+        if attempt is None:
+            return False
+        state, job_id = attempt
+        if state != "pending" or job_id is None or job_id not in polls:
+            return True
+        return not (polls[job_id].state == JobState.PENDING and status in (RunStatus.SUBMITTED, RunStatus.REQUEUED))
 
     def _follow(self, run_id: uuid.UUID, polls: dict[str, JobStatus]) -> int:
         with self.db.transaction() as session:
@@ -470,7 +479,7 @@ class Reconciler:
                 return
             if not job.state.ended:
                 return
-            result = read_eval_result(eval_dir(self.settings, evaluation), evaluation.attempts) or {}
+            result = read_result(eval_dir(self.settings, evaluation), evaluation.attempts) or {}
             run = get_run(session, evaluation.run_id)
             evaluation.started_at = evaluation.started_at or job.started_at
             if result.get("status") == "completed" and job.state == JobState.COMPLETED:

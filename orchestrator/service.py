@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +27,8 @@ from orchestrator.schemas import ExperimentCreate, RunCreate, RunReport
 from orchestrator.settings import Settings
 from trainer.config import TrainConfig
 from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
+
+M = TypeVar("M")
 
 
 class ServiceError(Exception):
@@ -225,11 +227,23 @@ def submit_run(session: Session, settings: Settings, body: RunCreate, actor: str
     return run
 
 
-def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:
+def parse_uuid(ident: str | uuid.UUID, what: str) -> uuid.UUID:
+    """A UUID from a path parameter; anything else is simply not found (404), never a 500."""
     try:
-        ident = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
+        return ident if isinstance(ident, uuid.UUID) else uuid.UUID(str(ident))
     except ValueError as exc:
-        raise NotFoundError(f"no run {run_id!r}") from exc
+        raise NotFoundError(f"no {what} {ident!r}") from exc
+
+
+def get_by_id(session: Session, model: type[M], ident: str | uuid.UUID, what: str) -> M:
+    found = session.get(model, parse_uuid(ident, what))
+    if found is None:
+        raise NotFoundError(f"no {what} {ident!r}")
+    return found
+
+
+def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:
+    ident = parse_uuid(run_id, "run")
     query = select(Run).where(Run.id == ident).options(selectinload(Run.attempts), selectinload(Run.experiment))
     if lock:
         query = query.with_for_update()

@@ -60,6 +60,15 @@ def result_path(run_dir: Path, attempt: int) -> Path:
     return run_dir / f"result-{attempt}.json"
 
 
+def read_result(folder: Path, attempt: int) -> dict[str, Any] | None:
+    """An attempt's result file (training or evaluation job), or None if it left none."""
+    try:
+        data: dict[str, Any] = json.loads(result_path(folder, attempt).read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
 def train_dir(run_dir: Path) -> Path:
     return run_dir / "train"
 

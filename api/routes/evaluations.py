@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from api.deps import Admin, Reader, SessionDep, StateDep
-from api.idempotency import request_fingerprint, run_once
+from api.idempotency import idempotent_post
 from api.routes.runs import IdempotencyKey
 from orchestrator.db.models import Checkpoint, Evaluation
 from orchestrator.evaluations import compare, get_checkpoint, get_evaluation, request
@@ -134,14 +134,7 @@ def create(
         data: dict[str, Any] = evaluation_public(evaluation).model_dump(mode="json")
         return (202 if created else 200), data
 
-    return run_once(
-        state.db,
-        scope=f"{principal.name}\nPOST\n{request_.url.path}",
-        key=idempotency_key,
-        fingerprint=request_fingerprint(body.model_dump(mode="json")),
-        ttl_s=state.settings.idempotency_ttl_s,
-        work=work,
-    )
+    return idempotent_post(state, principal, request_, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("/benchmarks", summary="Benchmark definitions: name, version, configs and their hashes")

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from api.deps import Admin, Reader, SessionDep, StateDep
-from api.idempotency import request_fingerprint, run_once
+from api.idempotency import idempotent_post
 from orchestrator.db.models import Experiment
 from orchestrator.evaluations import validate_policy
 from orchestrator.schemas import ExperimentCreate, ExperimentPublic, ExperimentUpdate, Page
@@ -37,14 +37,7 @@ def create(
         data: dict[str, Any] = experiment_public(create_experiment(session, body)).model_dump(mode="json")
         return 201, data
 
-    return run_once(
-        state.db,
-        scope=f"{principal.name}\nPOST\n{request.url.path}",
-        key=idempotency_key,
-        fingerprint=request_fingerprint(body.model_dump(mode="json")),
-        ttl_s=state.settings.idempotency_ttl_s,
-        work=work,
-    )
+    return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("", response_model=Page[ExperimentPublic], summary="List experiments, newest first")

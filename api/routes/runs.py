@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
 from api.deps import Admin, Reader, RunToken, SessionDep, StateDep
-from api.idempotency import request_fingerprint, run_once
+from api.idempotency import idempotent_post
 from orchestrator.db.models import Checkpoint, Event, Run
 from orchestrator.launchers.base import LauncherError
 from orchestrator.lifecycle import RunStatus
@@ -126,14 +126,7 @@ def submit(
         session.refresh(run, ["attempts", "experiment"])
         return 202, _dump(run_public(run, state.mlflow))
 
-    return run_once(
-        state.db,
-        scope=f"{principal.name}\nPOST\n{request.url.path}",
-        key=idempotency_key,
-        fingerprint=request_fingerprint(body.model_dump(mode="json")),
-        ttl_s=state.settings.idempotency_ttl_s,
-        work=work,
-    )
+    return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("", response_model=Page[RunPublic], summary="List runs, newest first (cursor pagination)")
@@ -183,14 +176,7 @@ def retry(
         session.refresh(new, ["attempts", "experiment"])
         return 202, _dump(run_public(new, state.mlflow))
 
-    return run_once(
-        state.db,
-        scope=f"{principal.name}\nPOST\n{request.url.path}",
-        key=idempotency_key,
-        fingerprint=request_fingerprint({"retry": run_id}),
-        ttl_s=state.settings.idempotency_ttl_s,
-        work=work,
-    )
+    return idempotent_post(state, principal, request, idempotency_key, {"retry": run_id}, work)
 
 
 @router.get("/{run_id}/attempts", response_model=list[AttemptPublic], summary="Scheduler submissions of a run")
