@@ -27,8 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.db.migrate import upgrade  # noqa: E402
-from orchestrator.db.models import Attempt, Experiment, Run  # noqa: E402
+from orchestrator.db.models import Attempt, Experiment, Run, utcnow  # noqa: E402
 from orchestrator.db.session import Database  # noqa: E402
+from orchestrator.launchers import Launchers  # noqa: E402
+from orchestrator.launchers.base import JobState, JobStatus  # noqa: E402
+from orchestrator.launchers.dryrun import DryRunLauncher  # noqa: E402
 from orchestrator.lifecycle import RunStatus  # noqa: E402
 from orchestrator.reconciler import Reconciler  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
@@ -102,10 +105,11 @@ def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"service on {db_url} did not start")
 
 
-def seed_active_runs(db_url: str, home: Path, count: int) -> None:
+def seed_active_runs(db_url: str, home: Path, count: int, status: RunStatus = RunStatus.SUBMITTED) -> None:
     db = Database(db_url)
+    attempt_state = "running" if status == RunStatus.RUNNING else "pending"
     with db.transaction() as session:
-        experiment = Experiment(name="reconcile-bench", description="", eval_policy={})
+        experiment = Experiment(name=f"reconcile-bench-{status}", description="", eval_policy={})
         session.add(experiment)
         session.flush()
         for i in range(count):
@@ -119,13 +123,20 @@ def seed_active_runs(db_url: str, home: Path, count: int) -> None:
                 config_hash="0" * 64,
                 launcher="dryrun",
                 resources={},
-                status=RunStatus.SUBMITTED.value,
+                status=status.value,
                 output_dir=str(home / "runs" / str(run_id) / "train"),
                 progress={},
             )
             session.add(run)
             session.add(
-                Attempt(run_id=run_id, number=1, backend="dryrun", backend_job_id=f"dryrun-{i}", state="pending")
+                Attempt(
+                    run_id=run_id,
+                    number=1,
+                    backend="dryrun",
+                    backend_job_id=f"dryrun-{status}-{i}",
+                    state=attempt_state,
+                    started_at=utcnow() if attempt_state == "running" else None,
+                )
             )
     db.dispose()
 
@@ -161,26 +172,33 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict
     return rows
 
 
-def bench_reconciler(name: str, db_url: str, args: argparse.Namespace) -> dict[str, object]:
-    """Steady state: `args.active` runs whose jobs are submitted and still queued by their scheduler."""
+class RunningJobs(DryRunLauncher):
+    """Benchmark stand-in for a scheduler whose jobs all run: every run is followed in a locking transaction."""
+
+    def poll_many(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        return dict.fromkeys(job_ids, JobStatus(JobState.RUNNING, host="bench"))
+
+
+def bench_reconciler(name: str, db_url: str, args: argparse.Namespace, status: RunStatus) -> dict[str, object]:
+    """One reconciler pass over `args.active` active runs: jobs still queued (steady state, nothing can
+    change) or all running (each run is locked, checked for heartbeats and new checkpoints)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         upgrade(db_url)
-        seed_active_runs(db_url, home, args.active)
+        seed_active_runs(db_url, home, args.active, status)
         settings = Settings(home=home, database_url=db_url, mlflow_tracking_uri=f"sqlite:///{home / 'm.db'}")
         db = Database(db_url)
-        reconciler = Reconciler(settings, db)
+        launchers = Launchers(settings)
+        if status == RunStatus.RUNNING:
+            launchers._made["dryrun"] = RunningJobs()
+        reconciler = Reconciler(settings, db, launchers)
         passes = []
         for _ in range(3):
             stats = reconciler.reconcile_once()
             passes.append(stats.seconds)
         db.dispose()
-    return {
-        "backend": name,
-        "what": f"reconcile pass, {stats.runs} active runs",
-        "seconds": min(passes),
-        "errors": len(stats.errors),
-    }
+    what = f"reconcile pass, {stats.runs} {'running' if status == RunStatus.RUNNING else 'queued-job'} runs"
+    return {"backend": name, "what": what, "seconds": min(passes), "errors": len(stats.errors)}
 
 
 def main() -> int:
@@ -192,19 +210,20 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
-        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args))
+        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args, RunStatus.SUBMITTED))
+        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile2.db", args, RunStatus.RUNNING))
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    for purpose in ("load", "reconcile"):
-        name = f"orch_bench_{purpose}_{uuid.uuid4().hex[:8]}"
+    for purpose in ("load", "reconcile", "reconcile-running"):
+        name = f"orch_bench_{purpose.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         try:
             url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-            rows += (
-                bench_backend("postgresql", url, args)
-                if purpose == "load"
-                else [bench_reconciler("postgresql", url, args)]
-            )
+            if purpose == "load":
+                rows += bench_backend("postgresql", url, args)
+            else:
+                status = RunStatus.RUNNING if purpose == "reconcile-running" else RunStatus.SUBMITTED
+                rows.append(bench_reconciler("postgresql", url, args, status))
         finally:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -212,21 +231,23 @@ def main() -> int:
         f"{args.clients} concurrent clients, {args.requests} requests per row, one uvicorn worker, "
         f"{os.cpu_count()} CPU cores shared by client and server"
     )
-    print(f"{'backend':11s} {'what':34s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'s/pass':>8s} {'errors':>6s}")
+    print(f"{'backend':11s} {'what':40s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'s/pass':>8s} {'errors':>6s}")
     for row in rows:
         rps = f"{row['rps']:.0f}" if "rps" in row else "-"
         p50 = f"{row['p50_ms']:.0f}" if "p50_ms" in row else "-"
         p99 = f"{row['p99_ms']:.0f}" if "p99_ms" in row else "-"
         sec = f"{row['seconds']:.3f}" if "seconds" in row else "-"
-        print(f"{row['backend']:11s} {row['what']:34s} {rps:>8s} {p50:>8s} {p99:>8s} {sec:>8s} {row['errors']:>6}")
+        print(f"{row['backend']:11s} {row['what']:40s} {rps:>8s} {p50:>8s} {p99:>8s} {sec:>8s} {row['errors']:>6}")
     print()
     for what in ("POST /runs", "GET /runs"):
         sq = next(r for r in rows if r["backend"] == "sqlite" and r["what"] == what)
         pg = next(r for r in rows if r["backend"] == "postgresql" and r["what"] == what)
         print(f"{what}: PostgreSQL/SQLite throughput ratio {float(pg['rps']) / float(sq['rps']):.2f}x")  # type: ignore[arg-type]
-    sq_pass = next(r for r in rows if r["backend"] == "sqlite" and "reconcile" in str(r["what"]))
-    pg_pass = next(r for r in rows if r["backend"] == "postgresql" and "reconcile" in str(r["what"]))
-    print(f"reconcile pass: PostgreSQL/SQLite time ratio {float(pg_pass['seconds']) / float(sq_pass['seconds']):.2f}x")  # type: ignore[arg-type]
+    for kind in ("queued-job", "running"):
+        sq_pass = next(r for r in rows if r["backend"] == "sqlite" and kind in str(r["what"]))
+        pg_pass = next(r for r in rows if r["backend"] == "postgresql" and kind in str(r["what"]))
+        ratio = float(pg_pass["seconds"]) / float(sq_pass["seconds"])  # type: ignore[arg-type]
+        print(f"reconcile pass ({kind} runs): PostgreSQL/SQLite time ratio {ratio:.2f}x")
     return 0
 
 
