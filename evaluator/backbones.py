@@ -266,8 +266,20 @@ def _from_export(manifest_path: Path) -> Backbone:
         weights = _read_export(path, fmt)
         vit = _vit(cfg)
         _strict_load(vit, strip_prefixes(weights), "backbone", str(path))
-        return Backbone(vit, cfg, digest, str(path), None)
+        return Backbone(vit, cfg, digest, str(path), _exported_ca_head(manifest_path, files.get("aggregation"), cfg))
     raise CheckpointError(f"{manifest_path} lists no backbone.safetensors or backbone.pth export")
+
+
+def _exported_ca_head(manifest_path: Path, entry: dict[str, Any] | None, cfg: TrainConfig) -> AggregationHead | None:
+    """SelfPatch exports carry the aggregation module, so its image token works from an export too."""
+    if not entry or cfg.method != "selfpatch":
+        return None
+    path = manifest_path.parent / entry.get("path", "aggregation.safetensors")
+    if not path.is_file() or (entry.get("sha256") and entry["sha256"] != sha256_file(path)):
+        raise CheckpointError(f"{path} is missing or differs from the sha256 in {manifest_path}")
+    head = _ca_head(cfg)
+    _strict_load(head, _read_export(path, "safetensors"), "aggregation module", str(path))
+    return head
 
 
 def _read_export(path: Path, fmt: str) -> dict[str, torch.Tensor]:

@@ -323,8 +323,8 @@ def ckpt_export(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth).")],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the exports and manifest.json.")],
     formats: Annotated[
-        str, typer.Option(help="Comma-separated: torch,safetensors,mm,dino.")
-    ] = "torch,safetensors,mm,dino",
+        str, typer.Option(help="Comma-separated: torch,safetensors,mm,dino,aggregation (SelfPatch).")
+    ] = "torch,safetensors,mm,dino,aggregation",
     output: Output = "text",
 ) -> None:
     """Export the teacher backbone (timm, safetensors, mmdet/mmseg, DINO-eval), each verified by a strict load."""

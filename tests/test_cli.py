@@ -88,7 +88,7 @@ def test_submit_follow_runs_to_success_and_ckpt_export(service: EmbeddedService,
     exported = cli("ckpt", "export", str(checkpoint), str(tmp_path / "exp"), "--output", "json")
     assert exported.returncode == 0, exported.stderr
     manifest = json.loads(exported.stdout)
-    assert set(manifest["files"]) == {"torch", "safetensors", "mm", "dino"}
+    assert set(manifest["files"]) == {"torch", "safetensors", "mm", "dino", "aggregation"}
     weights = torch.load(tmp_path / "exp" / "backbone.pth", weights_only=True)
     assert "cls_token" not in weights and "pos_embed" in weights  # the SelfPatch backbone has no [CLS]
     logs = cli("runs", "logs", run_id, "--tail", "5", service=service)

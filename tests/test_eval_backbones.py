@@ -64,18 +64,27 @@ def test_selfpatch_aggregation_token_and_pooled_patches_equal_the_teachers() -> 
 
 
 @torch.no_grad()
-def test_export_folder_loads_the_same_backbone_without_the_aggregation_module(tmp_path: Path) -> None:
+def test_export_folder_loads_the_same_backbone_and_aggregation_module(tmp_path: Path) -> None:
     path = micro_checkpoint("selfpatch")
     manifest = export_checkpoint(path, tmp_path / "export")
     exported = load_backbone(tmp_path / "export")
     assert exported.identity == manifest["files"]["safetensors"]["sha256"]
     x = _images()
-    reference = load_backbone(path).image_features(x, FeatureSpec(pool="avg"))
-    torch.testing.assert_close(exported.image_features(x, FeatureSpec(pool="avg")), reference)
-    torch.testing.assert_close(
-        load_backbone(tmp_path / "export" / "manifest.json").image_features(x, FeatureSpec(pool="avg")), reference
-    )
-    assert exported.resolve(FeatureSpec()).pool == "avg"  # auto falls back: no ca_head in an export
+    training = load_backbone(path)
+    for pool in ("avg", "ca"):  # SelfPatch exports carry the aggregation module, so both features match
+        reference = training.image_features(x, FeatureSpec(pool=pool))
+        torch.testing.assert_close(exported.image_features(x, FeatureSpec(pool=pool)), reference)
+        torch.testing.assert_close(
+            load_backbone(tmp_path / "export" / "manifest.json").image_features(x, FeatureSpec(pool=pool)), reference
+        )
+    assert exported.resolve(FeatureSpec()).pool == "ca"
+
+
+def test_export_without_the_aggregation_module_falls_back_to_pooled_patches(tmp_path: Path) -> None:
+    path = micro_checkpoint("selfpatch")
+    export_checkpoint(path, tmp_path / "export", formats=("torch", "safetensors"))
+    exported = load_backbone(tmp_path / "export")
+    assert exported.resolve(FeatureSpec()).pool == "avg"  # auto falls back: no ca_head in this export
     with pytest.raises(CheckpointError, match="ca_head"):
         exported.resolve(FeatureSpec(pool="ca"))
 

@@ -130,7 +130,12 @@ def test_cancel_stops_the_job(service: EmbeddedService) -> None:
         "the cancelled job's attempt to end",
     )
     pid = _job_pids(service, run["id"])[0]
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+    def gone() -> bool:  # the supervisor writes the exit status just before it exits itself
+        stat = Path(f"/proc/{pid}/stat")
+        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_for(gone, 30, "the job's process to exit")
     assert status_of(service.url, run["id"]) == "cancelled"  # terminal: the job's end changes nothing
 
 

@@ -126,6 +126,13 @@ def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: P
         cfg = load_config("tiny_cpu", micro_overrides(out, method))
         ours = build_model(cfg, student=False)
         ours.load_state_dict(load_checkpoint(out / "checkpoint.pth")["teacher"])
+        assert ("aggregation" in manifest["files"]) == (method == "selfpatch")
+        if method == "selfpatch":  # the aggregation module travels with the export and loads strictly
+            exported = load_file(out / "export" / "aggregation.safetensors")
+            fresh = build_model(cfg, student=False).ca_head
+            fresh.load_state_dict(exported, strict=True)
+            for key, tensor in ours.ca_head.state_dict().items():
+                assert torch.equal(tensor, exported[key])
         x = torch.randn(2, 3, 32, 32)
         model.eval()
         ours.eval()

@@ -30,12 +30,13 @@ from trainer.models.vit import TIMM_NAMES, timm_kwargs
 from trainer.presets import ConfigError, validate_config
 
 MANIFEST = "manifest.json"
-FORMATS = ("torch", "safetensors", "mm", "dino")
+FORMATS = ("torch", "safetensors", "mm", "dino", "aggregation")
 FILE_NAMES = {
     "torch": "backbone.pth",
     "safetensors": "backbone.safetensors",
     "mm": "backbone_mm.pth",
     "dino": "teacher_backbone.pth",
+    "aggregation": "aggregation.safetensors",  # SelfPatch only: the teacher's ca_head (image token)
 }
 
 
@@ -53,6 +54,26 @@ def backbone_state_dict(state: dict[str, Any], key: str = "teacher") -> dict[str
     if not backbone:
         raise CheckpointError(f"no 'backbone.*' weights under {key!r}")
     return backbone
+
+
+def aggregation_state_dict(state: dict[str, Any], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The teacher's SelfPatch aggregation module, verified by a strict load (its image token is a feature)."""
+    from trainer.models.selfpatch import AggregationHead
+
+    weights = strip_prefixes(state["teacher"])
+    module = {
+        k.removeprefix("ca_head."): v.float().contiguous() for k, v in weights.items() if k.startswith("ca_head.")
+    }
+    width, _, heads = cfg.model.dims
+    sp = cfg.selfpatch
+    head = AggregationHead(width, heads, k=sp.k, window=sp.window, border=sp.border, num_blocks=sp.num_blocks)
+    result = head.load_state_dict(module, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"aggregation module does not load strictly: missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}"
+        )
+    return module
 
 
 def timm_backbone(cfg: TrainConfig) -> torch.nn.Module:
@@ -100,18 +121,23 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, formats: tuple[str, ...] 
     weights = {k: v.float().contiguous() for k, v in backbone_state_dict(state).items()}
     verify_strict(weights, cfg)
 
+    if cfg.method != "selfpatch":
+        formats = tuple(f for f in formats if f != "aggregation")
+    aggregation = aggregation_state_dict(state, cfg) if "aggregation" in formats else {}
     prefixed = {f"backbone.{k}": v for k, v in weights.items()}
     writers = {
         "torch": _write_torch(weights),
         "safetensors": _write_safetensors(weights),
         "mm": _write_torch({"state_dict": prefixed, "meta": {"source": str(checkpoint)}}),
         "dino": _write_torch({"teacher": prefixed}),
+        "aggregation": _write_safetensors(aggregation),
     }
     loaders = {
         "torch": "model.load_state_dict(torch.load(f, weights_only=True), strict=True)",
         "safetensors": "model.load_state_dict(safetensors.torch.load_file(f), strict=True)",
         "mm": "init_cfg=dict(type='Pretrained', checkpoint=f, prefix='backbone.')",
         "dino": "utils.load_pretrained_weights(model, f, 'teacher', ...)  # DINO eval scripts",
+        "aggregation": "trainer.models.selfpatch.AggregationHead(...).load_state_dict(load_file(f), strict=True)",
     }
     files: dict[str, Any] = {}
     for fmt in formats:
