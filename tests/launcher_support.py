@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.worker import JobFile, result_path, train_dir
+from orchestrator.launchers.base import JobSpec, JobStatus, Launcher, Resources
+from orchestrator.worker import JobFile, read_result, train_dir
 from tests.conftest import micro_overrides
 from trainer.presets import load_config
+
+SMALL = Resources(cpus_per_task=1, mem_gb=0.5, time_min=10)
+__all__ = ["read_result"]  # re-exported for the launcher tests
 
 T = TypeVar("T")
 ITERS_PER_EPOCH = 8  # micro_overrides: 64 images, batch 8
@@ -72,12 +78,21 @@ def make_run_dir(run_dir: Path, api_url: str, backend: str, epochs: int = 2, *ex
     return run_dir
 
 
-def read_result(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(result_path(run_dir, attempt).read_text())
-        return data
-    except (OSError, ValueError):
-        return None
+def job_spec(tmp_path: Path, argv: list[str], resources: Resources = SMALL, attempt: int = 1) -> JobSpec:
+    """A job spec in a fresh work folder under tmp_path."""
+    run_id = uuid.uuid4().hex[:12]
+    workdir = tmp_path / run_id
+    workdir.mkdir(parents=True)
+    return JobSpec(run_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def ended(launcher: Launcher, job_id: str) -> JobStatus | None:
+    status = launcher.poll(job_id)
+    return status if status.state.ended else None
 
 
 def trained_steps(run_dir: Path) -> int:

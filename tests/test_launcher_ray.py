@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
+from orchestrator.launchers.base import JobSpec, JobState, LauncherError, Resources
 from orchestrator.launchers.ray import CLUSTER_FILE, RayLauncher, _alive, _session_members
-from tests.launcher_support import ITERS_PER_EPOCH, make_run_dir, read_result, report_sink, wait_for
-
-SMALL = Resources(cpus_per_task=1, mem_gb=0.5, time_min=10)
+from tests.launcher_support import (
+    ITERS_PER_EPOCH,
+    SMALL,
+    ended,
+    job_spec,
+    make_run_dir,
+    py,
+    read_result,
+    report_sink,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +42,6 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayLauncher]:
     assert not _alive(record["pid"], record["ticks"])
     assert _session_members(record["pid"]) == []
     assert not Path(record["temp_dir"]).exists() and not (state_dir / CLUSTER_FILE).exists()
-
-
-def _spec(tmp_path: Path, argv: list[str], resources: Resources = SMALL, attempt: int = 1) -> JobSpec:
-    run_id = uuid.uuid4().hex[:12]
-    workdir = tmp_path / run_id
-    workdir.mkdir(parents=True)
-    return JobSpec(run_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
-
-
-def _py(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-def _ended(launcher: RayLauncher, job_id: str) -> JobStatus | None:
-    status = launcher.poll(job_id)
-    return status if status.state.ended else None
 
 
 def test_render_is_the_job_spec_without_side_effects(tmp_path: Path) -> None:
@@ -76,7 +67,7 @@ def test_render_is_the_job_spec_without_side_effects(tmp_path: Path) -> None:
 
 
 def test_exit_codes_map_to_states(tmp_path: Path, launcher: RayLauncher) -> None:
-    specs = {code: _spec(tmp_path, _py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
+    specs = {code: job_spec(tmp_path, py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
     ids = {code: launcher.submit(spec) for code, spec in specs.items()}
     assert ids[0] == specs[0].key  # submission_id = the spec key
     wait_for(
@@ -97,26 +88,26 @@ def test_exit_codes_map_to_states(tmp_path: Path, launcher: RayLauncher) -> None
 
 def test_interrupted_result_file_means_preempted_without_exit_75(tmp_path: Path, launcher: RayLauncher) -> None:
     """A wrapper (torchrun) may turn the worker's 75 into 1: the worker's result file still tells."""
-    spec = _spec(tmp_path, [])
+    spec = job_spec(tmp_path, [])
     code = (
         "import json, pathlib, sys\n"
         f"pathlib.Path({str(spec.workdir / 'result-1.json')!r}).write_text(json.dumps({{'status': 'interrupted'}}))\n"
         "sys.exit(1)\n"
     )
-    spec = JobSpec(spec.run_id, 1, "test", _py(code), spec.workdir, SMALL)
+    spec = JobSpec(spec.run_id, 1, "test", py(code), spec.workdir, SMALL)
     job_id = launcher.submit(spec)
-    status = wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    status = wait_for("the job to end", lambda: ended(launcher, job_id), 120)
     assert status.state == JobState.PREEMPTED and status.exit_code == 1
 
 
 def test_submit_is_idempotent_on_the_key(tmp_path: Path, launcher: RayLauncher) -> None:
-    spec = _spec(tmp_path, _py("import time; time.sleep(1)"))
+    spec = job_spec(tmp_path, py("import time; time.sleep(1)"))
     job_id = launcher.submit(spec)
     assert launcher.submit(spec) == job_id
     # another service process pointed at the same cluster finds the job instead of starting a second one
     other = RayLauncher(launcher.address, tmp_path / "other-state")
     assert other.submit(spec) == job_id
-    wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    wait_for("the job to end", lambda: ended(launcher, job_id), 120)
     assert other.submit(spec) == job_id
     assert len([j for j in other._client().list_jobs() if j.submission_id == spec.key]) == 1
 
@@ -134,12 +125,12 @@ def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: RayLauncher
         "print('started', flush=True)\n"
         "time.sleep(600)\n"
     )
-    spec = _spec(tmp_path, _py(code))
+    spec = job_spec(tmp_path, py(code))
     job_id = launcher.submit(spec)
     wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 120)
     assert launcher.poll(job_id).state == JobState.RUNNING
     launcher.cancel(job_id)
-    status = wait_for("CANCELLED", lambda: _ended(launcher, job_id), 30)
+    status = wait_for("CANCELLED", lambda: ended(launcher, job_id), 30)
     assert status.state == JobState.CANCELLED, status
     launcher.cancel(job_id)  # harmless once ended
     launcher.cancel("orch-unknown-a1")
@@ -152,7 +143,7 @@ def test_the_real_worker_trains_a_micro_run_to_completion(tmp_path: Path, launch
         argv = [sys.executable, "-m", "orchestrator.worker", str(run_dir), "--attempt", "1"]
         spec = JobSpec(run_dir.name, 1, "micro", argv, run_dir, Resources(cpus_per_task=1, mem_gb=3))
         job_id = launcher.submit(spec)
-        status = wait_for("the run to end", lambda: _ended(launcher, job_id), 600)
+        status = wait_for("the run to end", lambda: ended(launcher, job_id), 600)
         assert status.state == JobState.COMPLETED, (status, launcher.logs(job_id))
         result = read_result(run_dir, 1)
         assert result is not None and result["status"] == "completed"

@@ -18,14 +18,16 @@ from orchestrator.launchers.slurm import SlurmLauncher, status_from_sacct
 from tests.conftest import REPO
 from tests.launcher_support import (
     ITERS_PER_EPOCH,
+    SMALL,
+    ended,
+    job_spec,
     make_run_dir,
+    py,
     read_result,
     report_sink,
     trained_steps,
     wait_for,
 )
-
-SMALL = Resources(cpus_per_task=1, mem_gb=0.5, time_min=10)
 
 
 def _slurm_answers() -> str | None:
@@ -55,22 +57,6 @@ def slurm_cluster() -> None:
 @pytest.fixture
 def launcher(tmp_path: Path) -> SlurmLauncher:
     return SlurmLauncher(tmp_path / "state")
-
-
-def _spec(tmp_path: Path, argv: list[str], resources: Resources = SMALL, attempt: int = 1) -> JobSpec:
-    run_id = uuid.uuid4().hex[:12]
-    workdir = tmp_path / run_id
-    workdir.mkdir(parents=True)
-    return JobSpec(run_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
-
-
-def _py(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-def _ended(launcher: SlurmLauncher, job_id: str) -> JobStatus | None:
-    status = launcher.poll(job_id)
-    return status if status.state.ended else None
 
 
 def _requeued(launcher: SlurmLauncher, job_id: str) -> JobStatus | None:
@@ -139,9 +125,9 @@ def test_sbatch_options_outside_the_whitelist_are_refused(tmp_path: Path, launch
     # a Resources built without validation still cannot smuggle options through the launcher
     sneaky = Resources.model_construct(**{**SMALL.model_dump(), "extra": {"export": "LD_PRELOAD=/tmp/x.so"}})
     with pytest.raises(LauncherError, match="not allowed"):
-        launcher.render(_spec(tmp_path, ["true"], sneaky))
+        launcher.render(job_spec(tmp_path, ["true"], sneaky))
     with pytest.raises(LauncherError, match=r"extra\.signal"):
-        launcher.render(_spec(tmp_path, ["true"], Resources(extra={"signal": "B:TERM@60"})))
+        launcher.render(job_spec(tmp_path, ["true"], Resources(extra={"signal": "B:TERM@60"})))
     assert not (tmp_path / "state").exists()
 
 
@@ -183,7 +169,7 @@ def test_sacct_states_map_to_job_states(
 def test_exit_codes_map_to_states_with_one_sacct_call(
     tmp_path: Path, launcher: SlurmLauncher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    specs = {code: _spec(tmp_path, _py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
+    specs = {code: job_spec(tmp_path, py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
     ids = {code: launcher.submit(spec) for code, spec in specs.items()}
     wait_for(
         "the three jobs to end",
@@ -217,15 +203,15 @@ def test_exit_codes_map_to_states_with_one_sacct_call(
 
 
 def test_submit_is_idempotent_on_the_key(tmp_path: Path, launcher: SlurmLauncher) -> None:
-    spec = _spec(tmp_path, _py("import time; time.sleep(2)"))
+    spec = job_spec(tmp_path, py("import time; time.sleep(2)"))
     job_id = launcher.submit(spec)
     assert launcher.submit(spec) == job_id
     # a service that lost its state folder (or crashed between sbatch and writing it) finds the job by name
     assert SlurmLauncher(tmp_path / "other-state").submit(spec) == job_id
     assert _squeue_names(spec.key) in ("", job_id)
-    wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    wait_for("the job to end", lambda: ended(launcher, job_id), 120)
     assert SlurmLauncher(tmp_path / "third-state").submit(spec) == job_id  # found in accounting once it ended
-    other = _spec(tmp_path, _py("pass"), attempt=2)
+    other = job_spec(tmp_path, py("pass"), attempt=2)
     assert launcher.submit(other) != job_id
 
 
@@ -236,12 +222,12 @@ def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: SlurmLaunch
         "print('started', flush=True)\n"
         "time.sleep(600)\n"
     )
-    spec = _spec(tmp_path, _py(code))
+    spec = job_spec(tmp_path, py(code))
     job_id = launcher.submit(spec)
     wait_for("the job to run", lambda: launcher.poll(job_id).state == JobState.RUNNING, 120)
     wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 60)
     launcher.cancel(job_id)
-    status = wait_for("CANCELLED", lambda: _ended(launcher, job_id), 30)
+    status = wait_for("CANCELLED", lambda: ended(launcher, job_id), 30)
     assert status.state == JobState.CANCELLED, status
     launcher.cancel(job_id)  # cancelling an ended job is harmless
 
@@ -285,7 +271,7 @@ def test_submitit_signal_checkpoints_requeues_and_attempt_2_resumes(tmp_path: Pa
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
         assert requeued.state in (JobState.PENDING, JobState.RUNNING)
-        wait_for("attempt 2 to finish", lambda: _ended(launcher, job_id), 600)
+        wait_for("attempt 2 to finish", lambda: ended(launcher, job_id), 600)
         _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
         log = launcher.logs(job_id, tail=2000)
         assert "Calling checkpoint method" in log and f"Requeued job {job_id}" in log
@@ -303,7 +289,7 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(tmp_path: Path, launcher: 
         subprocess.run(["scontrol", "requeue", job_id], check=True)
         requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
         assert requeued.state in (JobState.PENDING, JobState.RUNNING)
-        wait_for("attempt 2 to finish", lambda: _ended(launcher, job_id), 600)
+        wait_for("attempt 2 to finish", lambda: ended(launcher, job_id), 600)
         _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
 
 
@@ -318,10 +304,10 @@ def test_a_timeout_past_submitits_budget_ends_preempted_not_failed(tmp_path: Pat
         "print('started', flush=True)\n"
         "time.sleep(600)\n"
     )
-    job_id = launcher.submit(_spec(tmp_path, _py(code)))
+    job_id = launcher.submit(job_spec(tmp_path, py(code)))
     wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 120)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    status = wait_for("the job to end", lambda: _ended(launcher, job_id), 120)
+    status = wait_for("the job to end", lambda: ended(launcher, job_id), 120)
     assert status.state == JobState.PREEMPTED and status.exit_code == 75 and status.restarts == 0, status
     log = launcher.logs(job_id)
     assert "checkpointed" in log and "timed-out too many times" in log
