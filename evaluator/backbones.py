@@ -24,8 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, sha256_file, strip_prefixes
+from trainer.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
 from trainer.config import TrainConfig
+from trainer.files import sha256_file
 from trainer.models.selfpatch import AggregationHead
 from trainer.models.vit import MultiCropViT, build_backbone
 from trainer.presets import ConfigError, validate_config

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 NAME = "synthetic composites"
 DESCRIPTION = (

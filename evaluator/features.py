@@ -25,7 +25,7 @@ from torchvision import transforms
 from evaluator.backbones import Backbone, FeatureSpec, PixelFeatures
 from evaluator.datasets import ClassificationSplit, classification_split
 from evaluator.dense import resolve_device
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 log = logging.getLogger(__name__)
 

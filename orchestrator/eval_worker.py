@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.evaluations import EvalJob
 from orchestrator.worker import result_path
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 log = logging.getLogger("orchestrator.eval_worker")
 
@@ -60,8 +60,9 @@ def log_child_run(job: EvalJob, status: str, metrics: dict[str, float], extra_ta
 
 def run(folder: Path, attempt: int) -> int:
     from evaluator.benchmarks import get_benchmark
-    from trainer.checkpoint import CheckpointError, sha256_file
+    from trainer.checkpoint import CheckpointError
     from trainer.data.datasets import DatasetError
+    from trainer.files import sha256_file
     from trainer.presets import ConfigError
 
     folder = Path(folder).resolve()

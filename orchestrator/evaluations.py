@@ -22,7 +22,7 @@ from orchestrator.db.models import Checkpoint, Evaluation, Run
 from orchestrator.schemas import EvalPolicy, EvalSpec, EvaluationCreate
 from orchestrator.service import InvalidInputError, get_by_id, record_event
 from orchestrator.settings import Settings
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 from trainer.presets import ConfigError
 
 NUMBERED = re.compile(r"checkpoint(\d{4})\.pth$")

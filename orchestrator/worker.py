@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from trainer.callbacks import CheckpointInfo, TrainCallback, TrainResult
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 log = logging.getLogger("orchestrator.worker")
 

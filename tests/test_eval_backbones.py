@@ -9,8 +9,9 @@ import torch
 
 from evaluator.backbones import FeatureSpec, default_out_indices, load_backbone, random_backbone
 from tests.eval_support import micro_checkpoint
-from trainer.checkpoint import CheckpointError, load_checkpoint, sha256_file, strip_prefixes
+from trainer.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
 from trainer.export import config_of, export_checkpoint
+from trainer.files import sha256_file
 from trainer.models.wrapper import build_model
 
 

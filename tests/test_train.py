@@ -119,7 +119,7 @@ def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: P
         assert all(k.startswith("backbone.") for k in mm["state_dict"])
         assert manifest["has_class_token"] == (method == "dino")
         for entry in manifest["files"].values():
-            from trainer.checkpoint import sha256_file
+            from trainer.files import sha256_file
 
             assert sha256_file(out / "export" / entry["path"]) == entry["sha256"]
 

@@ -7,12 +7,10 @@ the one in progress for a mid-epoch save), iteration (global steps done), config
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, cast
@@ -20,29 +18,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from trainer.files import atomic_write
+
 FORMAT_VERSION = 1
-LATEST = "checkpoint.pth"
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "iteration", "config")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or not one of ours."""
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -58,14 +41,6 @@ def link_latest(source: Path, latest: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, latest)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -134,7 +109,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def numbered_name(epoch: int) -> str:
-    return f"checkpoint{epoch:04d}.pth"

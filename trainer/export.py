@@ -17,15 +17,9 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    load_checkpoint,
-    require_training_checkpoint,
-    sha256_file,
-    strip_prefixes,
-)
+from trainer.checkpoint import CheckpointError, load_checkpoint, require_training_checkpoint, strip_prefixes
 from trainer.config import TrainConfig
+from trainer.files import atomic_write, sha256_file
 from trainer.models.vit import TIMM_NAMES, timm_kwargs
 from trainer.presets import ConfigError, validate_config
 

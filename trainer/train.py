@@ -20,21 +20,19 @@ import torch
 from trainer.callbacks import CheckpointInfo, TrainCallback, TrainResult
 from trainer.checkpoint import (
     FORMAT_VERSION,
-    LATEST,
     capture_rng_state,
     link_latest,
     load_checkpoint,
-    numbered_name,
     require_training_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    sha256_file,
     strip_prefixes,
 )
 from trainer.config import TrainConfig
 from trainer.data.loader import build_loader
 from trainer.distributed import DistInfo, any_flag, barrier, cleanup, init_distributed
 from trainer.engine import Engine
+from trainer.files import LATEST, numbered_name, sha256_file
 from trainer.preemption import PreemptionFlag
 from trainer.presets import ConfigError, dump_yaml, validate_config
 from trainer.schedules import Schedules

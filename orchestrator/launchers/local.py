@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 EXIT_INTERRUPTED = 75
 

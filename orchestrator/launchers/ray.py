@@ -205,7 +205,7 @@ class RayLauncher:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        from trainer.checkpoint import atomic_write
+        from trainer.files import atomic_write
 
         record = {"pid": proc.pid, "ticks": _start_ticks(proc.pid), "dashboard": dashboard, "temp_dir": temp_dir}
         atomic_write(self.state_dir / CLUSTER_FILE, lambda tmp: tmp.write_text(json.dumps(record)))

@@ -365,7 +365,7 @@ class SlurmLauncher:
         return job_id
 
     def _remember(self, spec: JobSpec, job_id: str) -> None:
-        from trainer.checkpoint import atomic_write  # imports torch: not in the SLURM task wrapper
+        from trainer.files import atomic_write
 
         folder = str(self.folder(spec)).replace("%j", job_id)
         record = {"key": spec.key, "job_id": job_id, "folder": folder, "run_id": spec.run_id, "attempt": spec.attempt}

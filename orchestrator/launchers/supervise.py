@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:
