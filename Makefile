@@ -1,13 +1,14 @@
 # Two commands on a fresh machine:
-#   make demo   set up (venv, packages, offline data) and run the main job on the embedded default
-#   make test   set up, start the services the tests need, lint, type-check and run the whole suite
+#   make demo        set up (venv, packages, offline data) and run the main job on the embedded default
+#   make test        set up, start the services the tests need, lint, type-check and run the whole suite
+# and the fast lane while working: make test-fast (no services, no end-to-end training; about a minute)
 SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo test lint typecheck pytest services bench clean
+.PHONY: setup data demo test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,9 @@ pytest: setup services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: setup lint typecheck pytest
+
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not services and not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py

@@ -110,4 +110,4 @@ def admin_principal(principal: Annotated[Principal, Depends(current_principal)])
 
 Reader = Annotated[Principal, Depends(current_principal)]
 Admin = Annotated[Principal, Depends(admin_principal)]
-RunToken = Annotated[str, Depends(bearer_token)]
+JobToken = Annotated[str, Depends(bearer_token)]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import IdempotencyRecord, utcnow
 from orchestrator.db.session import Database
-from orchestrator.service import InvalidInputError
+from orchestrator.errors import InvalidInputError
 
 Work = Callable[[Session], tuple[int, dict[str, Any]]]
 

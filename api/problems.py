@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.errors import ServiceError
 from orchestrator.lifecycle import TransitionError
-from orchestrator.service import ServiceError
 
 PROBLEM_BASE = "https://selfpatch-orchestrator.dev/problems/"
 MEDIA_TYPE = "application/problem+json"

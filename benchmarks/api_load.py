@@ -2,7 +2,8 @@
 
 * `POST /api/v1/runs` (dry-run launcher) and `GET /api/v1/runs` with 50 concurrent clients against a real
   `orchestrator serve` process: requests/s, p50 and p99 latency.
-* One reconciler pass over 1,000 active runs (dry-run jobs): seconds per pass.
+* One reconciler pass over 1,000 active runs whose jobs a fake scheduler holds queued or running:
+  seconds per pass.
 
     python benchmarks/api_load.py [--requests 1000] [--clients 50] [--active 1000]
 """
@@ -29,10 +30,11 @@ sys.path.insert(0, str(REPO))
 from orchestrator.db.migrate import upgrade  # noqa: E402
 from orchestrator.db.models import Attempt, Experiment, Run, utcnow  # noqa: E402
 from orchestrator.db.session import Database  # noqa: E402
+from orchestrator.jobs.fake import FakeJob, FakeLauncher  # noqa: E402
+from orchestrator.jobs.kinds import job_spec  # noqa: E402
 from orchestrator.launchers import Launchers  # noqa: E402
 from orchestrator.launchers.base import JobState, JobStatus  # noqa: E402
-from orchestrator.launchers.dryrun import DryRunLauncher  # noqa: E402
-from orchestrator.lifecycle import RunStatus  # noqa: E402
+from orchestrator.lifecycle import Status  # noqa: E402
 from orchestrator.reconciler import Reconciler  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
 
@@ -105,15 +107,17 @@ def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"service on {db_url} did not start")
 
 
-def seed_active_runs(db_url: str, home: Path, count: int, status: RunStatus = RunStatus.SUBMITTED) -> None:
+def seed_active_runs(db_url: str, home: Path, count: int, status: Status, fake: FakeLauncher) -> None:
+    """`count` runs with one attempt each, their jobs held by `fake` (queued, or running when `status` is)."""
     db = Database(db_url)
-    attempt_state = "running" if status == RunStatus.RUNNING else "pending"
+    running = status == Status.RUNNING
     with db.transaction() as session:
         experiment = Experiment(name=f"reconcile-bench-{status}", description="", eval_policy={})
         session.add(experiment)
         session.flush()
         for i in range(count):
             run_id = uuid.uuid4()
+            folder = home / "runs" / str(run_id)
             run = Run(
                 id=run_id,
                 experiment_id=experiment.id,
@@ -121,23 +125,33 @@ def seed_active_runs(db_url: str, home: Path, count: int, status: RunStatus = Ru
                 method="selfpatch",
                 config={},
                 config_hash="0" * 64,
-                launcher="dryrun",
+                launcher="local",
                 resources={},
                 status=status.value,
-                output_dir=str(home / "runs" / str(run_id) / "train"),
+                folder=str(folder),
+                output_dir=str(folder / "train"),
                 progress={},
+                last_heartbeat_at=utcnow(),
             )
             session.add(run)
+            backend_job_id = f"bench-{status}-{i}"
             session.add(
                 Attempt(
-                    run_id=run_id,
+                    job_id=run_id,
                     number=1,
-                    backend="dryrun",
-                    backend_job_id=f"dryrun-{status}-{i}",
-                    state=attempt_state,
-                    started_at=utcnow() if attempt_state == "running" else None,
+                    backend="local",
+                    backend_job_id=backend_job_id,
+                    state="running" if running else "pending",
+                    started_at=utcnow() if running else None,
                 )
             )
+            spec = job_spec(str(run_id), "train", folder, {}, 1, sys.executable)
+            state = (
+                JobStatus(JobState.RUNNING, host="bench", started_at=utcnow())
+                if running
+                else JobStatus(JobState.PENDING)
+            )
+            fake.jobs[backend_job_id] = FakeJob(spec, state)
     db.dispose()
 
 
@@ -172,32 +186,23 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict
     return rows
 
 
-class RunningJobs(DryRunLauncher):
-    """Benchmark stand-in for a scheduler whose jobs all run: every run is followed in a locking transaction."""
-
-    def poll_many(self, job_ids: list[str]) -> dict[str, JobStatus]:
-        return dict.fromkeys(job_ids, JobStatus(JobState.RUNNING, host="bench"))
-
-
-def bench_reconciler(name: str, db_url: str, args: argparse.Namespace, status: RunStatus) -> dict[str, object]:
+def bench_reconciler(name: str, db_url: str, args: argparse.Namespace, status: Status) -> dict[str, object]:
     """One reconciler pass over `args.active` active runs: jobs still queued (steady state, nothing can
     change) or all running (each run is locked, checked for heartbeats and new checkpoints)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         upgrade(db_url)
-        seed_active_runs(db_url, home, args.active, status)
+        fake = FakeLauncher()
+        seed_active_runs(db_url, home, args.active, status, fake)
         settings = Settings(home=home, database_url=db_url, mlflow_tracking_uri=f"sqlite:///{home / 'm.db'}")
         db = Database(db_url)
-        launchers = Launchers(settings)
-        if status == RunStatus.RUNNING:
-            launchers._made["dryrun"] = RunningJobs()
-        reconciler = Reconciler(settings, db, launchers)
+        reconciler = Reconciler(settings, db, Launchers(settings, fixed={"local": fake}))
         passes = []
         for _ in range(3):
             stats = reconciler.reconcile_once()
             passes.append(stats.seconds)
         db.dispose()
-    what = f"reconcile pass, {stats.runs} {'running' if status == RunStatus.RUNNING else 'queued-job'} runs"
+    what = f"reconcile pass, {stats.jobs} {'running' if status == Status.RUNNING else 'queued-job'} runs"
     return {"backend": name, "what": what, "seconds": min(passes), "errors": len(stats.errors)}
 
 
@@ -210,8 +215,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
-        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args, RunStatus.SUBMITTED))
-        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile2.db", args, RunStatus.RUNNING))
+        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args, Status.SUBMITTED))
+        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile2.db", args, Status.RUNNING))
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     for purpose in ("load", "reconcile", "reconcile-running"):
         name = f"orch_bench_{purpose.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
@@ -222,7 +227,7 @@ def main() -> int:
             if purpose == "load":
                 rows += bench_backend("postgresql", url, args)
             else:
-                status = RunStatus.RUNNING if purpose == "reconcile-running" else RunStatus.SUBMITTED
+                status = Status.RUNNING if purpose == "reconcile-running" else Status.SUBMITTED
                 rows.append(bench_reconciler("postgresql", url, args, status))
         finally:
             with admin.connect() as conn:

@@ -14,8 +14,12 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    """Import the registry lazily (torch, timm and torchvision are slow to import)."""
-    if name in {"BENCHMARKS", "Benchmark", "EvalResult", "evaluate", "get_benchmark", "describe"}:
+    """Import lazily: the runnable registry pulls in torch, timm and torchvision; `describe` needs none of them."""
+    if name == "describe":
+        from evaluator.config import describe
+
+        return describe
+    if name in {"BENCHMARKS", "Benchmark", "EvalResult", "evaluate", "get_benchmark"}:
         from evaluator import benchmarks
 
         return getattr(benchmarks, name)

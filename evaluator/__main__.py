@@ -11,23 +11,18 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-DATA_HELP = {
-    "knn": "Fashion-MNIST idx folder, or an ImageNet-style root with train/ and val/ class folders",
-    "linear": "Fashion-MNIST idx folder, or an ImageNet-style root with train/ and val/ class folders",
-    "det": "COCO-layout root: annotations/instances_<split>.json + <split>/ or images/<split>/",
-    "seg": "ADE20K-layout root: images/<split>/ + annotations/<split>/ (+ meta.json or objectInfo150.csv)",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from evaluator.benchmarks import BENCHMARKS
+    from evaluator.config import BENCHMARKS
 
     parser = argparse.ArgumentParser(
         prog="python -m evaluator",
         description="Evaluate a DINO / SelfPatch checkpoint on one benchmark and print its metrics (percent). "
-        "CKPT is a training checkpoint (checkpoint.pth) or an export folder / manifest.json. Every benchmark has a "
-        "'tiny' config (2 CPU cores, minutes) and a 'full' config (the papers' protocol). k-NN and linear features "
-        "are cached by checkpoint sha256 + dataset + transform, so a second probe computes no features.",
+        "CKPT is a training checkpoint (checkpoint.pth), an export folder / manifest.json, an official DINO / "
+        "SelfPatch checkpoint, or a timm / mm / DINO-eval state dict (the model is inferred from its tensors). "
+        "Every benchmark has a 'tiny' config (2 CPU cores, minutes) and a 'full' config (the papers' protocol). "
+        "k-NN and linear features are cached by checkpoint sha256 + dataset + transform, so a second probe computes "
+        "no features.",
         epilog="examples:\n"
         "  python -m evaluator knn --checkpoint outputs/tiny_cpu/checkpoint.pth --data data/fashion-mnist\n"
         "  python -m evaluator linear --checkpoint outputs/tiny_cpu/export --data data/fashion-mnist feature.pool=avg\n"
@@ -43,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="benchmarks, their versions and config hashes")
     for name, bench in BENCHMARKS.items():
         p = sub.add_parser(name, help=bench.description, description=f"{name} v{bench.version}: {bench.description}")
-        p.add_argument("--checkpoint", "-k", type=Path, help="training checkpoint, export folder or manifest.json")
-        p.add_argument("--data", "-d", type=Path, required=True, help=DATA_HELP[name])
+        p.add_argument("--checkpoint", "-k", type=Path, help="checkpoint, export folder, manifest.json or weights file")
+        p.add_argument(
+            "--num-heads", type=int, default=None, help="attention heads of a foreign checkpoint of an unknown width"
+        )
+        p.add_argument("--data", "-d", type=Path, required=True, help=bench.data)
         p.add_argument(
             "--config", "-c", default="tiny", help="'tiny' (default), 'full', or a YAML/JSON file with config fields"
         )
@@ -74,12 +72,12 @@ def _load_config_arg(value: str) -> Any:
     if path.suffix in {".yaml", ".yml", ".json"}:
         import yaml
 
-        from trainer.presets import ConfigError
+        from trainer.presets import ConfigError, parse_yaml
 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = parse_yaml(path.read_text())  # the same YAML reading as overrides and run configs
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML/JSON: {exc}") from exc
         if not isinstance(data, dict):
@@ -138,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline=args.baseline,
             cache_dir=cache_dir,
             progress=progress,
+            num_heads=args.num_heads,
         )
     except (ConfigError, DatasetError, CheckpointError, SourcesError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

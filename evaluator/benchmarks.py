@@ -1,33 +1,32 @@
-"""The benchmark registry: versioned definitions with a 'tiny' and a 'full' config each.
+"""The runnable benchmarks: each entry of `evaluator.config.BENCHMARKS` paired with the code that runs it.
 
 `evaluate(benchmark, checkpoint, dataset, config)` returns flat metrics named `<benchmark>/<metric>`
 (`knn/top1_k20`, `linear/top1`, `det/bbox_AP`, `det/segm_AP`, `seg/mIoU`, ...), all in percent. `run(...)`
 returns the same metrics with everything an evaluation record needs (benchmark version, config hash,
-checkpoint sha256, timing). Bump a benchmark's version whenever its numbers would change for the same
-checkpoint and config, so cached results of the old version are never reused.
+checkpoint sha256, timing). Names, versions and configs live in `evaluator.config` (torch-free); this module
+only adds the runners.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from evaluator.backbones import Backbone, PixelFeatures, load_backbone, random_backbone
-from evaluator.dense import DenseBackboneConfig
-from evaluator.detection import DetectionConfig, evaluate_detection
-from evaluator.features import FeatureCache, ImageTransform
-from evaluator.knn import KnnConfig, run_knn
-from evaluator.linear import LinearConfig, run_linear
-from evaluator.segmentation import SegmentationConfig, evaluate_segmentation
-from trainer.presets import ConfigError, format_validation_error
+from evaluator.config import BENCHMARKS as SPECS
+from evaluator.config import BenchmarkSpec, config_hash, describe, get_spec
+from evaluator.detection import evaluate_detection
+from evaluator.features import FeatureCache
+from evaluator.knn import run_knn
+from evaluator.linear import run_linear
+from evaluator.segmentation import evaluate_segmentation
+from trainer.presets import ConfigError
+from trainer.presets import override_model as apply_overrides
 
 Baseline = Literal["random", "pixels"]
 Subject = Backbone | PixelFeatures
@@ -40,6 +39,9 @@ class RunContext:
 
     cache: FeatureCache = field(default_factory=lambda: FeatureCache(None))
     progress: bool = False
+
+
+Runner = Callable[[Subject, Path, Any, RunContext], dict[str, float]]
 
 
 def _knn(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, float]:
@@ -58,6 +60,10 @@ def _det(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, f
 def _seg(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, float]:
     assert isinstance(subject, Backbone)
     return evaluate_segmentation(subject, root, cfg, ctx.progress)
+
+
+#: The code behind each benchmark of the table (keyed by the table's names, nothing more).
+RUNNERS: dict[str, Runner] = {"knn": _knn, "linear": _linear, "det": _det, "seg": _seg}
 
 
 class EvalResult(BaseModel):
@@ -79,78 +85,53 @@ class EvalResult(BaseModel):
     finished_at: str
 
 
-def config_hash(cfg: BaseModel) -> str:
-    """sha256 of the canonical JSON of a benchmark config."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def _check_key(model: type[BaseModel], path: list[str]) -> None:
-    """Refuse an override path that names no config field (a typo must not pass silently)."""
-    current: type[BaseModel] | None = model
-    for depth, part in enumerate(path):
-        if current is None or part not in current.model_fields:
-            choices = f"; expected one of: {', '.join(sorted(current.model_fields))}" if current is not None else ""
-            raise ConfigError(f"unknown config key {'.'.join(path[: depth + 1])!r}{choices}")
-        annotation = current.model_fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def apply_overrides(cfg: BaseModel, overrides: Sequence[str]) -> BaseModel:
-    """`a.b=value` overrides (YAML values) on a config; unknown keys and bad values raise ConfigError."""
-    data = cfg.model_dump(mode="json")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        path = key.strip().split(".")
-        _check_key(type(cfg), path)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node: dict[str, Any] = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    try:
-        return type(cfg).model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)[0]) from exc
-
-
 @dataclass(frozen=True)
 class Benchmark:
-    """A versioned benchmark definition."""
+    """A benchmark of the table (`spec`: name, version, configs) with the code that runs it."""
 
-    name: str
-    version: str
-    description: str
-    config_type: type[BaseModel]
-    presets: Mapping[str, BaseModel]
-    runner: Callable[[Subject, Path, Any, RunContext], dict[str, float]]
-    accepts_pixels: bool = False
+    spec: BenchmarkSpec
+    runner: Runner
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def config_type(self) -> type[BaseModel]:
+        return self.spec.config_type
+
+    @property
+    def presets(self) -> Mapping[str, BaseModel]:
+        return self.spec.presets
+
+    @property
+    def accepts_pixels(self) -> bool:
+        return self.spec.accepts_pixels
 
     def config(self, config: str | BaseModel | Mapping[str, Any] = "tiny", overrides: Sequence[str] = ()) -> BaseModel:
-        """A preset name ('tiny', 'full'), a config object or a dict, plus dotted overrides."""
-        if isinstance(config, str):
-            if config not in self.presets:
-                raise ConfigError(f"{self.name}: no config named {config!r}; choose from {', '.join(self.presets)}")
-            cfg = self.presets[config]
-        elif isinstance(config, self.config_type):
-            cfg = config
-        elif isinstance(config, Mapping):
-            try:
-                cfg = self.config_type.model_validate(dict(config))
-            except ValidationError as exc:
-                raise ConfigError(format_validation_error(exc)[0]) from exc
-        else:
-            raise ConfigError(f"{self.name}: config must be a preset name, a {self.config_type.__name__} or a dict")
-        return apply_overrides(cfg, overrides) if overrides else cfg
+        """A preset name ('tiny', 'full'), a config object or a dict, plus dotted overrides (see BenchmarkSpec)."""
+        return self.spec.config(config, overrides)
 
-    def subject(self, checkpoint: Path | str | None, baseline: Baseline | None = None, seed: int = 0) -> Subject:
-        """What is evaluated: the checkpoint, or a baseline (a random init of its shape, or raw pixels)."""
+    def subject(
+        self,
+        checkpoint: Path | str | None,
+        baseline: Baseline | None = None,
+        seed: int = 0,
+        *,
+        num_heads: int | None = None,
+    ) -> Subject:
+        """What is evaluated: the checkpoint, or a baseline (a random init of its shape, or raw pixels).
+
+        `num_heads` is for checkpoints without a config of ours whose width names no known ViT.
+        """
         if baseline == "pixels":
             if not self.accepts_pixels:
                 raise ConfigError(f"{self.name}: the raw-pixel baseline exists for knn and linear only")
@@ -158,8 +139,8 @@ class Benchmark:
         if checkpoint is None:
             raise ConfigError(f"{self.name}: a checkpoint is needed")
         if baseline == "random":
-            return random_backbone(checkpoint, seed=seed)
-        return load_backbone(checkpoint)
+            return random_backbone(checkpoint, seed=seed, num_heads=num_heads)
+        return load_backbone(checkpoint, num_heads=num_heads)
 
     def run(
         self,
@@ -172,6 +153,7 @@ class Benchmark:
         cache_dir: Path | str | None = None,
         progress: bool = False,
         subject: Subject | None = None,
+        num_heads: int | None = None,
     ) -> EvalResult:
         """Evaluate and return the full record."""
         cfg = self.config(config, overrides)
@@ -179,7 +161,8 @@ class Benchmark:
         if overrides:
             config_name += "+overrides"
         start = time.perf_counter()
-        subject = subject or self.subject(checkpoint, baseline, seed=int(getattr(cfg, "seed", 0)))
+        seed = int(getattr(cfg, "seed", 0))
+        subject = subject or self.subject(checkpoint, baseline, seed=seed, num_heads=num_heads)
         ctx = RunContext(FeatureCache(cache_dir), progress)
         raw = self.runner(subject, Path(dataset), cfg, ctx)
         metrics = {f"{self.name}/{k}": float(v) for k, v in raw.items()}
@@ -210,104 +193,12 @@ class Benchmark:
         return self.run(checkpoint, dataset, config, **kwargs).metrics
 
 
-# ------------------------------------------------------------------------------------------ the presets
-# full: the papers' protocols (spec section 3). tiny: the same code on 2 CPU cores in minutes, for the tiny
-# trainer presets (32-px inputs, 4-px patches); its departures are deliberate and listed here:
-#   knn/linear: 32-px resize/crop (the models' input size), seeded 10k/5k subsets of train/test, cached
-#     centre-crop features (no augmentation), linear base_lr 0.1 (DINO's 1e-3 barely moves in 100 epochs);
-#   det/seg: frozen backbone (a dense probe, no ViT backward), 96-px images, slim FPN/heads, 100 steps.
-
-_TINY_TRANSFORM = ImageTransform(resize=32, crop=32)
-_TINY_PROBE = {
-    "transform": _TINY_TRANSFORM,
-    "max_train_samples": 10000,
-    "max_test_samples": 5000,
-    "batch_size": 256,
-    "num_workers": 0,
-}
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "knn": Benchmark(
-        name="knn",
-        version="1",
-        description="weighted k-NN (DINO: cosine, T=0.07, k in 10/20/100/200) on frozen features",
-        config_type=KnnConfig,
-        presets={
-            "tiny": KnnConfig(**_TINY_PROBE),
-            "full": KnnConfig(batch_size=128, num_workers=10),
-        },
-        runner=_knn,
-        accepts_pixels=True,
-    ),
-    "linear": Benchmark(
-        name="linear",
-        version="1",
-        description="linear probe on frozen features (DINO: SGD, cosine lr, 100 epochs, last-4 [CLS] for ViT-S)",
-        config_type=LinearConfig,
-        presets={
-            "tiny": LinearConfig(**_TINY_PROBE, epochs=100, train_batch_size=256, base_lr=0.1, train_augment=False),
-            "full": LinearConfig(batch_size=128, num_workers=10),
-        },
-        runner=_linear,
-        accepts_pixels=True,
-    ),
-    "det": Benchmark(
-        name="det",
-        version="1",
-        description="Mask R-CNN + FPN on the ViT adapter (blocks 4/6/8/12 -> strides 4-32), COCOeval bbox/segm",
-        config_type=DetectionConfig,
-        presets={
-            "tiny": DetectionConfig(
-                backbone=DenseBackboneConfig(drop_path_rate=0.0, freeze=True),
-                fpn_channels=64,
-                box_head_dim=256,
-                mask_head_channels=64,
-                anchor_sizes=(16, 32, 64, 128, 256),
-                train_min_sizes=(96,),
-                test_min_size=96,
-                max_size=96,
-                crop_policy=False,
-                rpn_batch_size=64,
-                roi_batch_size=64,
-                batch_size=2,
-                max_iterations=100,
-                lr=1e-3,
-                warmup_iters=20,
-                num_workers=0,
-            ),
-            "full": DetectionConfig(num_workers=4),
-        },
-        runner=_det,
-    ),
-    "seg": Benchmark(
-        name="seg",
-        version="1",
-        description="Semantic FPN on blocks 3/6/9/12 (all at stride p), mIoU / mAcc / aAcc from a confusion matrix",
-        config_type=SegmentationConfig,
-        presets={
-            "tiny": SegmentationConfig(
-                backbone=DenseBackboneConfig(drop_path_rate=0.0, freeze=True),
-                fpn_channels=64,
-                head_channels=32,
-                scale=(192, 96),
-                crop_size=96,
-                batch_size=4,
-                iterations=100,
-                lr=1e-3,
-                warmup_iters=20,
-                num_workers=0,
-            ),
-            "full": SegmentationConfig(num_workers=4),
-        },
-        runner=_seg,
-    ),
-}
+BENCHMARKS: dict[str, Benchmark] = {name: Benchmark(spec, RUNNERS[name]) for name, spec in SPECS.items()}
 
 
 def get_benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
+    """The runnable benchmark called `name`; ConfigError naming the choices otherwise."""
+    return BENCHMARKS[get_spec(name).name]
 
 
 def evaluate(
@@ -321,17 +212,13 @@ def evaluate(
     return get_benchmark(benchmark).evaluate(checkpoint, dataset, config, **kwargs)
 
 
-def describe() -> list[dict[str, Any]]:
-    """Name, version, description and config hashes of every benchmark (for a /benchmarks listing)."""
-    return [
-        {
-            "name": b.name,
-            "version": b.version,
-            "description": b.description,
-            "configs": {name: config_hash(cfg) for name, cfg in b.presets.items()},
-        }
-        for b in BENCHMARKS.values()
-    ]
-
-
-__all__ = ["BENCHMARKS", "Benchmark", "EvalResult", "apply_overrides", "describe", "evaluate", "get_benchmark"]
+__all__ = [
+    "BENCHMARKS",
+    "Benchmark",
+    "EvalResult",
+    "apply_overrides",
+    "config_hash",
+    "describe",
+    "evaluate",
+    "get_benchmark",
+]

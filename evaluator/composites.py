@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from trainer.files import atomic_write
+from trainer.files import atomic_write_text
 
 NAME = "synthetic composites"
 DESCRIPTION = (
@@ -364,7 +364,7 @@ def generate(
             "categories": categories,
         }
         text = json.dumps(coco, separators=(",", ":"))
-        atomic_write(out / "annotations" / f"instances_{split}.json", lambda tmp, t=text: tmp.write_text(t))
+        atomic_write_text(out / "annotations" / f"instances_{split}.json", text)
         summary[split] = {
             "images": n,
             "instances": len(annotations),
@@ -382,7 +382,7 @@ def generate(
         "sources": _sources_manifest(sources),
         "splits": summary,
     }
-    atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta
 
 

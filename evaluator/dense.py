@@ -7,39 +7,18 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evaluator.backbones import Backbone
+from evaluator.config import DenseBackboneConfig, Device, Precision
 from trainer.models.vit import MultiCropViT, build_backbone
 
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16"]
 #: mmdet/mmseg `paramwise_cfg.custom_keys` of the paper configs: no weight decay on these.
 NO_DECAY_KEYS = ("pos_embed", "cls_token", "norm")
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DenseBackboneConfig(_Config):
-    out_indices: tuple[int, ...] | None = Field(
-        None,
-        description="0-based blocks feeding the neck; None = the paper's blocks for a 12-block ViT, evenly "
-        "spaced blocks for other depths.",
-    )
-    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth while fine-tuning.")
-    freeze: bool = Field(False, description="Keep the backbone frozen (the papers fine-tune it end to end).")
-    dino_cls_token: Literal["keep", "drop"] = Field(
-        "keep",
-        description="DINO backbones only: 'keep' runs the ViT as pretrained, with [CLS]; 'drop' removes [CLS] and "
-        "its positional entry as SelfPatch's det/seg backbone does (spec 2.10.9).",
-    )
 
 
 def resolve_device(device: Device) -> torch.device:

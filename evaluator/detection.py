@@ -20,17 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
 from evaluator.backbones import Backbone, default_out_indices, vit_block_maps
+from evaluator.config import DetectionConfig
 from evaluator.datasets import CocoInstances, quiet_coco
 from evaluator.dense import (
-    DenseBackboneConfig,
-    Device,
-    Precision,
-    _Config,
     autocast,
     endless,
     iterations_for,
@@ -46,49 +42,6 @@ from trainer.models.vit import MultiCropViT
 #: Blocks (1-based) of a 12-block ViT that feed the detection neck (`out_indices=[3, 5, 7, 11]`).
 PAPER_BLOCKS = (4, 6, 8, 12)
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-class DetectionConfig(_Config):
-    """Mask R-CNN fine-tuning and evaluation; defaults are the paper's full-scale setup."""
-
-    backbone: DenseBackboneConfig = Field(default_factory=lambda: DenseBackboneConfig(drop_path_rate=0.05))
-    strides: tuple[int, int, int, int] = Field((4, 8, 16, 32), description="Output strides of the adapter.")
-    fpn_channels: int = Field(256, ge=8, description="FPN width.")
-    box_head_dim: int = Field(1024, ge=8, description="Width of the two-layer box head.")
-    mask_head_channels: int = Field(256, ge=8, description="Width of the 4-conv mask head.")
-    anchor_sizes: tuple[int, int, int, int, int] = Field((32, 64, 128, 256, 512), description="One size per level.")
-    train_min_sizes: tuple[int, ...] = Field(
-        tuple(range(480, 801, 32)), description="Multi-scale training: short side drawn from these."
-    )
-    test_min_size: int = Field(800, ge=16, description="Short side at test time.")
-    max_size: int = Field(1333, ge=16, description="Long side limit (train and test).")
-    crop_policy: bool = Field(
-        True,
-        description="DETR-style second policy with p=0.5: resize to {400,500,600}, absolute random crop 384-600, "
-        "then the multi-scale resize.",
-    )
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    rpn_batch_size: int = Field(256, ge=1, description="Anchors sampled per image for the RPN loss.")
-    roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box/mask losses.")
-    batch_size: int = Field(8, ge=1, description="Images per step (paper: 1 per GPU on 8 GPUs).")
-    epochs: float = Field(12, gt=0, description="Training epochs (1x schedule).")
-    max_iterations: int | None = Field(None, ge=1, description="Stop after this many steps (smoke runs).")
-    lr: float = Field(5e-5, gt=0, description="AdamW lr (XCiT's 1e-4 halved with the per-GPU batch).")
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_steps: tuple[float, ...] = Field(
-        (8 / 12, 11 / 12), description="Fractions of the schedule at which lr drops 10x (1x: epochs 8 and 11 of 12)."
-    )
-    warmup_iters: int = Field(1000, ge=0)
-    warmup_ratio: float = Field(0.001, gt=0, le=1)
-    train_split: str = "train"
-    val_split: str = "val"
-    max_val_images: int | None = Field(None, ge=1, description="Score only the first N validation images.")
-    per_class: bool = Field(True, description="Also report per-class AP.")
-    num_workers: int = Field(2, ge=0)
-    device: Device = "auto"
-    precision: Precision = "auto"
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- the model

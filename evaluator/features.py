@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from evaluator.backbones import Backbone, FeatureSpec, PixelFeatures
+from evaluator.backbones import Backbone, PixelFeatures
+from evaluator.config import FeatureSpec, ImageTransform, ProbeConfig
 from evaluator.datasets import ClassificationSplit, classification_split
 from evaluator.dense import resolve_device
 from trainer.files import atomic_write
@@ -30,51 +30,36 @@ from trainer.files import atomic_write
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageTransform(BaseModel):
-    """Test-time transform: resize the short side, centre-crop, normalise (DINO: 256 / 224, bicubic)."""
+def eval_transform(spec: ImageTransform) -> transforms.Compose:
+    """The test-time transform a config describes: resize the short side, centre-crop, normalise."""
+    return transforms.Compose(
+        [
+            transforms.Resize(spec.resize, interpolation=_interpolation(spec)),
+            transforms.CenterCrop(spec.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resize: int = Field(256, ge=1, description="Short side after resizing.")
-    crop: int = Field(224, ge=1, description="Centre-crop side (a multiple of the patch size).")
-    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="Resize interpolation.")
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+def train_augmentation(spec: ImageTransform) -> transforms.Compose:
+    """DINO's linear-probe training augmentation: RandomResizedCrop + flip."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(spec.crop, interpolation=_interpolation(spec)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
 
-    def build(self) -> transforms.Compose:
-        mode = (
-            transforms.InterpolationMode.BICUBIC
-            if self.interpolation == "bicubic"
-            else transforms.InterpolationMode.BILINEAR
-        )
-        return transforms.Compose(
-            [
-                transforms.Resize(self.resize, interpolation=mode),
-                transforms.CenterCrop(self.crop),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
 
-    def train_augmentation(self) -> transforms.Compose:
-        """DINO's linear-probe training augmentation: RandomResizedCrop + flip."""
-        mode = (
-            transforms.InterpolationMode.BICUBIC
-            if self.interpolation == "bicubic"
-            else transforms.InterpolationMode.BILINEAR
-        )
-        return transforms.Compose(
-            [
-                transforms.RandomResizedCrop(self.crop, interpolation=mode),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
+def _interpolation(spec: ImageTransform) -> transforms.InterpolationMode:
+    if spec.interpolation == "bicubic":
+        return transforms.InterpolationMode.BICUBIC
+    return transforms.InterpolationMode.BILINEAR
 
 
 @dataclass
@@ -224,7 +209,7 @@ class FeatureCache:
         features = extract(
             extractor,
             split.dataset,
-            transform.build(),
+            eval_transform(transform),
             batch_size=batch_size,
             num_workers=num_workers,
             progress=progress,
@@ -245,23 +230,6 @@ class FeatureCache:
 
 
 # ------------------------------------------------------------------------------------ probes (k-NN, linear)
-
-
-class ProbeConfig(BaseModel):
-    """What the k-NN and linear probes read: data, subsets, transform, feature choice."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    feature: FeatureSpec = Field(default_factory=lambda: FeatureSpec(), description="Image feature to probe.")
-    transform: ImageTransform = Field(default_factory=lambda: ImageTransform())
-    train_split: str = Field("train", description="Labelled split the probe learns from.")
-    test_split: str = Field("val", description="Split it is scored on (Fashion-MNIST: the test files).")
-    max_train_samples: int | None = Field(None, ge=1, description="Seeded random subset of the train split.")
-    max_test_samples: int | None = Field(None, ge=1, description="Seeded random subset of the test split.")
-    batch_size: int = Field(256, ge=1, description="Images per forward pass while extracting.")
-    num_workers: int = Field(2, ge=0, description="DataLoader workers while extracting.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = Field(0, ge=0, description="Seeds the subsets and the probe.")
 
 
 def make_extractor(subject: Backbone | PixelFeatures, spec: FeatureSpec, device: torch.device) -> Extractor:

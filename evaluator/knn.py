@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.backbones import Backbone, PixelFeatures
-from evaluator.features import FeatureCache, FeatureSet, ProbeConfig, probe_features
+from evaluator.config import KnnConfig
+from evaluator.features import FeatureCache, FeatureSet, probe_features
 
 
 class KnnResult(BaseModel):
@@ -65,13 +66,6 @@ def knn_classify(
             correct5[k] += int(hits.any(dim=1).sum())
     total = len(test)
     return [KnnResult(k=k, top1=100.0 * correct1[k] / total, top5=100.0 * correct5[k] / total) for k in ks]
-
-
-class KnnConfig(ProbeConfig):
-    """DINO's k-NN protocol on frozen features (defaults: the full ImageNet setup)."""
-
-    ks: tuple[int, ...] = Field((10, 20, 100, 200), description="Neighbour counts; all are reported.")
-    temperature: float = Field(0.07, gt=0, description="Vote weight exp(sim / T).")
 
 
 def run_knn(

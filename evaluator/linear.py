@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from evaluator.backbones import Backbone, FeatureSpec, PixelFeatures
-from evaluator.features import Extractor, FeatureCache, FeatureSet, ProbeConfig, loader, probe_features
+from evaluator.backbones import Backbone, PixelFeatures
+from evaluator.config import FeatureSpec, LinearConfig
+from evaluator.features import Extractor, FeatureCache, FeatureSet, loader, probe_features, train_augmentation
 
 
 class LinearClassifier(nn.Module):
@@ -121,23 +121,6 @@ def train_linear(
     return {"top1": top1, "top5": top5, "top1_best": best1, "lr": lr}
 
 
-class LinearConfig(ProbeConfig):
-    """DINO's linear protocol (defaults: ViT-S on ImageNet, 100 epochs, batch 1024 = 8 GPUs x 128)."""
-
-    cls_last_blocks: int = Field(4, ge=1, description="DINO's n_last_blocks for ViT-S when the feature is [CLS].")
-    epochs: int = Field(100, ge=1)
-    train_batch_size: int = Field(1024, ge=1, description="Probe batch; lr = base_lr * batch / 256.")
-    base_lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    train_augment: bool = Field(
-        True,
-        description="RandomResizedCrop + flip through the frozen backbone every epoch (DINO); false = cached "
-        "centre-crop features (fast).",
-    )
-    eval_every: int = Field(1, ge=1, description="Score the test split every N epochs (top1_best).")
-
-
 def linear_spec(subject: Backbone | PixelFeatures, cfg: LinearConfig) -> FeatureSpec:
     """The feature choice; for [CLS] with n unset, DINO's last-4-blocks concat (at most all blocks)."""
     if (
@@ -162,7 +145,7 @@ def run_linear(
             return augmented_batches(
                 extractor,
                 train_split.dataset,
-                cfg.transform.train_augmentation(),
+                train_augmentation(cfg.transform),
                 cfg.train_batch_size,
                 cfg.num_workers,
                 cfg.seed * 1000 + epoch,

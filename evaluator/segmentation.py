@@ -21,17 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
 from evaluator.backbones import Backbone, default_out_indices, vit_block_maps
+from evaluator.config import IMAGENET_MEAN, IMAGENET_STD, SegmentationConfig
 from evaluator.datasets import IGNORE_INDEX, SemanticSegmentation
 from evaluator.dense import (
-    DenseBackboneConfig,
-    Device,
-    Precision,
-    _Config,
     autocast,
     endless,
     param_groups,
@@ -42,45 +38,10 @@ from evaluator.dense import (
     trainable_vit,
 )
 from evaluator.detection import metric_name
-from evaluator.features import IMAGENET_MEAN, IMAGENET_STD
 from trainer.models.vit import MultiCropViT
 
 #: Blocks (1-based) of a 12-block ViT that feed the neck (`out_indices=(2, 5, 8, 11)`).
 PAPER_BLOCKS = (3, 6, 9, 12)
-
-
-class SegmentationConfig(_Config):
-    """Semantic FPN training and evaluation; defaults are the paper's 40k-iteration ADE20K setup."""
-
-    backbone: DenseBackboneConfig = Field(default_factory=lambda: DenseBackboneConfig(drop_path_rate=0.1))
-    fpn_channels: int = Field(256, ge=8)
-    head_channels: int = Field(128, ge=8)
-    feature_strides: tuple[int, int, int, int] = Field((4, 8, 16, 32), description="Strides FPNHead declares.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    scale: tuple[int, int] = Field(
-        (2048, 512), description="(long, short) size limits of the rescale (train and test)."
-    )
-    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Training rescale ratio range.")
-    crop_size: int = Field(512, ge=8, description="Training crop side (a multiple of the patch size).")
-    cat_max_ratio: float = Field(0.75, gt=0.0, le=1.0, description="Retry crops in which one class exceeds this share.")
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    photometric: bool = Field(True, description="mmseg's PhotoMetricDistortion.")
-    batch_size: int = Field(16, ge=1, description="Images per step (samples_per_gpu=4; 4 GPUs assumed).")
-    iterations: int = Field(40000, ge=1)
-    lr: float = Field(6e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    poly_power: float = Field(1.0, gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    warmup_iters: int = Field(1500, ge=0)
-    warmup_ratio: float = Field(1e-6, gt=0, le=1)
-    train_split: str = "train"
-    val_split: str = "val"
-    max_val_images: int | None = Field(None, ge=1, description="Score only the first N validation images.")
-    num_workers: int = Field(2, ge=0)
-    device: Device = "auto"
-    precision: Precision = "auto"
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- the model

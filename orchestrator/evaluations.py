@@ -1,68 +1,39 @@
-"""Evaluations of checkpoints: planned from an experiment's policy (or asked for), deduplicated, launched
-by the reconciler on their own launcher queue, and recorded with their metrics.
+"""Evaluations of checkpoints: a kind of job, planned from an experiment's policy (or asked for by hand),
+deduplicated, launched by the reconciler on their own launcher queue, retried, and recorded with metrics.
 
 An evaluation is identified by (checkpoint sha256, benchmark, benchmark version, config hash, dataset):
-asking again for the same one returns the existing record and starts nothing.
+asking again for one that exists (queued, running or succeeded) returns it and starts nothing; a failed or
+cancelled one can be asked for again, or retried, which makes a new evaluation linked by `retry_of`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Checkpoint, Evaluation, Run
-from orchestrator.schemas import EvalPolicy, EvalSpec, EvaluationCreate
-from orchestrator.service import InvalidInputError, get_by_id, record_event
+from evaluator.config import config_hash, get_spec
+from orchestrator.db.models import Checkpoint, Evaluation, Job, Run
+from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError
+from orchestrator.jobs.files import JobFile
+from orchestrator.jobs.kinds import Context
+from orchestrator.jobs.records import get_job, parse_uuid, record_event
+from orchestrator.lifecycle import EVALUATION, Status
+from orchestrator.schemas import EvalPolicy, EvalSpec, EvaluationCreate, JobReport
 from orchestrator.settings import Settings
-from trainer.files import atomic_write
+from trainer.files import NUMBERED
 from trainer.presets import ConfigError
-
-NUMBERED = re.compile(r"checkpoint(\d{4})\.pth$")
-EVAL_FILE, RESULT_FILE = "eval.json", "result.json"
-ACTIVE = ("queued", "submitted", "running")
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """What the service hands an evaluation job (`python -m orchestrator.eval_worker EVAL_DIR`)."""
-
-    evaluation_id: str
-    run_id: str
-    benchmark: str
-    config: dict[str, Any]
-    dataset: str
-    checkpoint: str
-    checkpoint_sha256: str
-    checkpoint_step: int
-    cache_dir: str
-    mlflow_tracking_uri: str
-    mlflow_experiment_id: str | None
-    mlflow_parent_run_id: str | None
-
-    def write(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / EVAL_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))
-
-    @classmethod
-    def read(cls, folder: Path) -> EvalJob:
-        data = json.loads((folder / EVAL_FILE).read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 def resolve(spec: EvalSpec | EvaluationCreate) -> tuple[str, dict[str, Any], str]:
     """(benchmark version, resolved config, config hash), validated by the evaluator's own classes."""
-    from evaluator.benchmarks import config_hash, get_benchmark
-
     try:
-        benchmark = get_benchmark(spec.benchmark)
+        benchmark = get_spec(spec.benchmark)
         cfg = benchmark.config(spec.config, spec.overrides)
     except ConfigError as exc:
         field = "overrides" if spec.overrides and spec.config in ("tiny", "full") else "config"
@@ -70,10 +41,21 @@ def resolve(spec: EvalSpec | EvaluationCreate) -> tuple[str, dict[str, Any], str
     return benchmark.version, cfg.model_dump(mode="json"), config_hash(cfg)
 
 
+def dataset_key(data: str) -> str:
+    """Relative dataset paths are the service's working directory's, like run configs' data paths; the
+    dataset must exist when the evaluation is asked for (jobs see the service's filesystem)."""
+    path = Path(data)
+    resolved = path if path.is_absolute() else path.resolve()
+    if not resolved.exists():
+        raise InvalidInputError(f"dataset {data!r} does not exist (looked at {resolved})", field="data")
+    return str(resolved)
+
+
 def validate_policy(policy: EvalPolicy) -> None:
     for i, spec in enumerate(policy.benchmarks):
         try:
             resolve(spec)
+            dataset_key(spec.data)
         except InvalidInputError as exc:
             raise InvalidInputError(exc.detail, field=f"eval_policy.benchmarks.{i}.{exc.field}") from exc
 
@@ -82,10 +64,12 @@ def dedup_key(sha256: str, benchmark: str, version: str, config_hash: str, datas
     return hashlib.sha256("\n".join((sha256, benchmark, version, config_hash, dataset)).encode()).hexdigest()
 
 
-def dataset_key(data: str) -> str:
-    """Relative dataset paths are the service's working directory's, like run configs' data paths."""
-    path = Path(data)
-    return str(path if path.is_absolute() else path.resolve())
+def folder_for(settings: Settings, run_id: uuid.UUID, evaluation_id: uuid.UUID) -> Path:
+    return settings.runs_root / str(run_id) / "evals" / str(evaluation_id)
+
+
+def _live(session: Session, key: str) -> Evaluation | None:
+    return session.scalar(select(Evaluation).where(Evaluation.dedup_key == key, Evaluation.live.is_(True)))
 
 
 def request(
@@ -97,42 +81,89 @@ def request(
     trigger: str,
     actor: str,
 ) -> tuple[Evaluation, bool]:
-    """The evaluation of `checkpoint` that `spec` describes: the existing one, or a new queued one."""
-    version, config, config_hash = resolve(spec)
+    """The evaluation of `checkpoint` that `spec` describes: the live one, or a new queued one."""
+    version, config, cfg_hash = resolve(spec)
     dataset = dataset_key(spec.data)
-    key = dedup_key(checkpoint.sha256, spec.benchmark, version, config_hash, dataset)
-    existing = session.scalar(select(Evaluation).where(Evaluation.dedup_key == key))
-    if existing is not None:
-        return existing, False
-    evaluation = Evaluation(
-        dedup_key=key,
-        run_id=run.id,
-        checkpoint_id=checkpoint.id,
-        checkpoint_sha256=checkpoint.sha256,
+    return _create(
+        session,
+        settings,
+        run,
+        checkpoint,
+        actor,
+        f"{spec.benchmark} on epoch {checkpoint.epoch} ({trigger})",
+        dedup_key=dedup_key(checkpoint.sha256, spec.benchmark, version, cfg_hash, dataset),
+        launcher=spec.launcher or settings.default_launcher,
+        resources=spec.resources.model_dump(mode="json"),
         benchmark=spec.benchmark,
         benchmark_version=version,
         config_name=spec.config + ("+overrides" if spec.overrides else ""),
         config=config,
-        config_hash=config_hash,
+        config_hash=cfg_hash,
         dataset=dataset,
         trigger=trigger,
-        status="queued",
-        launcher=spec.launcher or settings.default_launcher,
-        resources=spec.resources.model_dump(mode="json"),
         max_attempts=spec.max_attempts,
-        metrics={},
     )
-    session.add(evaluation)
-    session.flush()
-    record_event(
+
+
+def retry_evaluation(session: Session, settings: Settings, evaluation: Evaluation, actor: str) -> Evaluation:
+    """A new evaluation of the same checkpoint, benchmark and config; only failed or cancelled ones."""
+    if Status(evaluation.status) not in (Status.FAILED, Status.CANCELLED):
+        raise ConflictError(
+            f"evaluation {evaluation.id} is {evaluation.status}; only failed or cancelled evaluations can be retried"
+        )
+    same = ("dedup_key", "launcher", "resources", "benchmark", "benchmark_version", "config_name", "config")
+    more = ("config_hash", "dataset", "max_attempts")
+    fields = {name: getattr(evaluation, name) for name in (*same, *more)}
+    new, _ = _create(
         session,
-        run,
-        "evaluation",
+        settings,
+        evaluation.run,
+        evaluation.checkpoint,
         actor,
-        f"{spec.benchmark} on epoch {checkpoint.epoch} ({trigger})",
-        evaluation_id=str(evaluation.id),
-        checkpoint=checkpoint.path,
+        f"retry of {evaluation.id}",
+        trigger="retry",
+        retry_of_id=evaluation.id,
+        **fields,
     )
+    return new
+
+
+def _create(
+    session: Session,
+    settings: Settings,
+    run: Run,
+    checkpoint: Checkpoint,
+    actor: str,
+    why: str,
+    **fields: Any,
+) -> tuple[Evaluation, bool]:
+    """A new queued evaluation, unless a live one holds the same dedup key (then that one, not created)."""
+    existing = _live(session, fields["dedup_key"])
+    if existing is not None:
+        return existing, False
+    evaluation_id = uuid.uuid4()
+    evaluation = Evaluation(
+        id=evaluation_id,
+        status=Status.QUEUED.value,
+        folder=str(folder_for(settings, run.id, evaluation_id)),
+        created_by=actor,
+        live=True,
+        run_id=run.id,
+        checkpoint_id=checkpoint.id,
+        checkpoint_sha256=checkpoint.sha256,
+        metrics={},
+        **fields,
+    )
+    try:
+        with session.begin_nested():  # a concurrent request for the same key may win: then return its record
+            session.add(evaluation)
+    except IntegrityError:
+        existing = _live(session, fields["dedup_key"])
+        if existing is None:
+            raise
+        return existing, False
+    record_event(session, evaluation, "transition", actor, why, to_status=Status.QUEUED.value)
+    record_event(session, run, "evaluation", actor, why, evaluation_id=str(evaluation.id), checkpoint=checkpoint.path)
     return evaluation, True
 
 
@@ -168,16 +199,15 @@ def plan_final(session: Session, settings: Settings, run: Run) -> list[Evaluatio
     return planned
 
 
-def get_evaluation(session: Session, ident: str | uuid.UUID) -> Evaluation:
-    return get_by_id(session, Evaluation, ident, "evaluation")
+def get_evaluation(session: Session, ident: str | uuid.UUID, *, lock: bool = False) -> Evaluation:
+    return get_job(session, Evaluation, ident, "evaluation", lock=lock)
 
 
 def get_checkpoint(session: Session, ident: str | uuid.UUID) -> Checkpoint:
-    return get_by_id(session, Checkpoint, ident, "checkpoint")
-
-
-def eval_dir(settings: Settings, evaluation: Evaluation) -> Path:
-    return settings.runs_root / str(evaluation.run_id) / "evals" / str(evaluation.id)
+    found = session.get(Checkpoint, parse_uuid(ident, "checkpoint"))
+    if found is None:
+        raise NotFoundError(f"no checkpoint {ident!r}")
+    return found
 
 
 def compare(session: Session, checkpoint_ids: list[str]) -> tuple[list[Checkpoint], dict[str, dict[str, float | None]]]:
@@ -187,7 +217,7 @@ def compare(session: Session, checkpoint_ids: list[str]) -> tuple[list[Checkpoin
     for checkpoint in checkpoints:
         rows = session.scalars(
             select(Evaluation)
-            .where(Evaluation.checkpoint_sha256 == checkpoint.sha256, Evaluation.status == "succeeded")
+            .where(Evaluation.checkpoint_sha256 == checkpoint.sha256, Evaluation.status == Status.SUCCEEDED.value)
             .order_by(Evaluation.created_at)
         )
         for evaluation in rows:
@@ -197,3 +227,73 @@ def compare(session: Session, checkpoint_ids: list[str]) -> tuple[list[Checkpoin
         for checkpoint in checkpoints:
             table[name].setdefault(str(checkpoint.id), None)
     return checkpoints, dict(sorted(table.items()))
+
+
+def error_of(evaluation: Evaluation) -> str | None:
+    """Why it failed; while it is retried, why the last attempt failed."""
+    if Status(evaluation.status) == Status.FAILED:
+        return evaluation.status_reason
+    failed = [a.exit_reason for a in evaluation.attempts if a.state == "ended" and a.exit_code not in (0, None)]
+    return failed[-1] if failed else None
+
+
+class EvaluateKind:
+    """The service side of evaluation jobs."""
+
+    lifecycle = EVALUATION
+
+    def prepare(self, ctx: Context, session: Session, job: Job, attempt: int) -> JobFile:
+        assert isinstance(job, Evaluation)
+        run = job.run
+        checkpoint = job.checkpoint
+        payload = {
+            "run_id": str(run.id),
+            "benchmark": job.benchmark,
+            "config": job.config,
+            "dataset": job.dataset,
+            "checkpoint": checkpoint.path,
+            "checkpoint_sha256": job.checkpoint_sha256,
+            "checkpoint_step": checkpoint.step,
+            "cache_dir": str(ctx.settings.home.resolve() / "feature-cache"),
+        }
+        return ctx.job_file(job, payload, run.mlflow_experiment_id, run.mlflow_run_id)
+
+    def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
+        pass
+
+    def completed(
+        self, ctx: Context, session: Session, job: Job, attempt: int, result: dict[str, Any]
+    ) -> tuple[bool, str]:
+        assert isinstance(job, Evaluation)
+        metrics = result.get("metrics")
+        if not isinstance(metrics, dict):
+            return False, "the evaluation completed without metrics"
+        job.metrics = {str(k): float(v) for k, v in metrics.items()}
+        seconds = result.get("seconds")
+        job.seconds = float(seconds) if isinstance(seconds, int | float) else None
+        job.mlflow_run_id = str(result["mlflow_run_id"]) if result.get("mlflow_run_id") else job.mlflow_run_id
+        job.mlflow_synced = job.mlflow_run_id is not None  # the job closed its child run itself
+        return True, f"{job.benchmark} completed"
+
+    def retry_failure(self, job: Job) -> str | None:
+        assert isinstance(job, Evaluation)
+        done = len(job.attempts)
+        return f"retrying as attempt {done + 1} of {job.max_attempts}" if done < job.max_attempts else None
+
+    def report(self, ctx: Context, session: Session, job: Job, report: JobReport, actor: str) -> None:
+        if report.kind == "checkpoint":
+            raise InvalidInputError("evaluation jobs do not report checkpoints", field="kind")
+
+    def terminal(self, session: Session, job: Job, actor: str) -> None:
+        assert isinstance(job, Evaluation)
+        status = Status(job.status)
+        if status in (Status.FAILED, Status.CANCELLED):
+            job.live = False  # its dedup key is free: the evaluation can be asked for again
+        why = f"{job.benchmark} {status}" + (f": {job.status_reason}" if status != Status.SUCCEEDED else "")
+        data: dict[str, Any] = {"evaluation_id": str(job.id)}
+        if status == Status.SUCCEEDED:
+            data["metrics"] = job.metrics
+        record_event(session, job.run, "evaluation", actor, why, **data)
+
+
+EVALUATE = EvaluateKind()

@@ -1,16 +1,19 @@
-"""The run state machine shared by every launcher.
+"""The state machine of every job the orchestrator drives (pretraining runs and evaluations).
 
     queued -> submitted -> running -> (preempted -> requeued -> running)* -> succeeded | failed | cancelled
 
-Terminal states never change. Only a job that reports a completed result can make a run succeed.
+Terminal states never change. Only a job whose result file says it completed can succeed. Evaluations add
+one edge: a failed attempt with attempts left goes straight to `requeued` (a retry, not a preemption).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 
-class RunStatus(StrEnum):
+class Status(StrEnum):
     QUEUED = "queued"
     SUBMITTED = "submitted"
     RUNNING = "running"
@@ -29,51 +32,72 @@ class RunStatus(StrEnum):
         return not self.terminal
 
 
-TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
-
-ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.QUEUED: frozenset({RunStatus.SUBMITTED, RunStatus.CANCELLED, RunStatus.FAILED}),
-    RunStatus.SUBMITTED: frozenset({RunStatus.RUNNING, RunStatus.PREEMPTED, RunStatus.CANCELLED, RunStatus.FAILED}),
-    RunStatus.RUNNING: frozenset({RunStatus.PREEMPTED, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}),
-    RunStatus.PREEMPTED: frozenset({RunStatus.REQUEUED, RunStatus.FAILED, RunStatus.CANCELLED}),
-    RunStatus.REQUEUED: frozenset({RunStatus.RUNNING, RunStatus.PREEMPTED, RunStatus.FAILED, RunStatus.CANCELLED}),
-    RunStatus.SUCCEEDED: frozenset(),
-    RunStatus.FAILED: frozenset(),
-    RunStatus.CANCELLED: frozenset(),
-}
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+#: States in which a job waits for, or runs on, a scheduler.
+WAITING = frozenset({Status.SUBMITTED, Status.REQUEUED, Status.RUNNING, Status.PREEMPTED})
 
 
 class TransitionError(ValueError):
     """A state change the lifecycle does not allow (HTTP 409)."""
 
-    def __init__(self, current: RunStatus, target: RunStatus) -> None:
-        allowed = ", ".join(sorted(ALLOWED[current])) or "none: it is final"
-        super().__init__(f"cannot go from {current} to {target} (allowed from {current}: {allowed})")
+    def __init__(self, current: Status, target: Status, allowed: frozenset[Status]) -> None:
+        names = ", ".join(sorted(allowed)) or "none: it is final"
+        super().__init__(f"cannot go from {current} to {target} (allowed from {current}: {names})")
         self.current, self.target = current, target
 
 
-def check_transition(current: RunStatus, target: RunStatus) -> None:
-    if target not in ALLOWED[current]:
-        raise TransitionError(current, target)
+@dataclass(frozen=True)
+class Lifecycle:
+    """The allowed transitions of one kind of job."""
+
+    name: str
+    allowed: Mapping[Status, frozenset[Status]]
+
+    def check(self, current: Status, target: Status) -> None:
+        if target not in self.allowed[current]:
+            raise TransitionError(current, target, self.allowed[current])
+
+    def path_to(self, current: Status, target: Status) -> list[Status]:
+        """The shortest chain of allowed transitions from current to target (empty if already there).
+
+        A reconciler that polls may miss intermediate states (a short job goes from submitted to done
+        between two polls); it replays them in order so the event log stays a valid walk of the machine.
+        """
+        if current == target:
+            return []
+        frontier: list[list[Status]] = [[current]]
+        seen = {current}
+        while frontier:
+            chain = frontier.pop(0)
+            for nxt in sorted(self.allowed[chain[-1]]):
+                if nxt in seen:
+                    continue
+                if nxt == target:
+                    return [*chain[1:], nxt]
+                seen.add(nxt)
+                frontier.append([*chain, nxt])
+        raise TransitionError(current, target, self.allowed[current])
 
 
-def path_to(current: RunStatus, target: RunStatus) -> list[RunStatus]:
-    """The shortest chain of allowed transitions from current to target (empty if already there).
-
-    A reconciler that polls may miss intermediate states (a short job goes from submitted to done
-    between two polls); it replays them in order so the event log stays a valid walk of the machine.
-    """
-    if current == target:
-        return []
-    frontier: list[list[RunStatus]] = [[current]]
-    seen = {current}
-    while frontier:
-        chain = frontier.pop(0)
-        for nxt in sorted(ALLOWED[chain[-1]]):
-            if nxt in seen:
-                continue
-            if nxt == target:
-                return [*chain[1:], nxt]
-            seen.add(nxt)
-            frontier.append([*chain, nxt])
-    raise TransitionError(current, target)
+_FINAL: frozenset[Status] = frozenset()
+RUN = Lifecycle(
+    "run",
+    {
+        Status.QUEUED: frozenset({Status.SUBMITTED, Status.CANCELLED, Status.FAILED}),
+        Status.SUBMITTED: frozenset({Status.RUNNING, Status.PREEMPTED, Status.CANCELLED, Status.FAILED}),
+        Status.RUNNING: frozenset({Status.PREEMPTED, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}),
+        Status.PREEMPTED: frozenset({Status.REQUEUED, Status.FAILED, Status.CANCELLED}),
+        Status.REQUEUED: frozenset({Status.RUNNING, Status.PREEMPTED, Status.FAILED, Status.CANCELLED}),
+        Status.SUCCEEDED: _FINAL,
+        Status.FAILED: _FINAL,
+        Status.CANCELLED: _FINAL,
+    },
+)
+EVALUATION = Lifecycle(
+    "evaluation",
+    {
+        **RUN.allowed,
+        Status.SUBMITTED: RUN.allowed[Status.SUBMITTED] | {Status.REQUEUED},
+        Status.RUNNING: RUN.allowed[Status.RUNNING] | {Status.REQUEUED},
+    },
+)

@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lifecycle import RunStatus
+from orchestrator.lifecycle import Status
 
 log = logging.getLogger(__name__)
 
 #: How our terminal states show in MLflow.
-MLFLOW_STATUS = {RunStatus.SUCCEEDED: "FINISHED", RunStatus.FAILED: "FAILED", RunStatus.CANCELLED: "KILLED"}
+MLFLOW_STATUS = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED", Status.CANCELLED: "KILLED"}
 
 
 class MlflowBridge:
@@ -55,7 +55,7 @@ class MlflowBridge:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def terminate(self, run_id: str, status: RunStatus) -> None:
+    def terminate(self, run_id: str, status: Status) -> None:
         if status in MLFLOW_STATUS:
             self.client.set_terminated(run_id, MLFLOW_STATUS[status])
 

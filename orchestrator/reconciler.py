@@ -1,14 +1,16 @@
-"""The reconciler: drives every active run from the database and the schedulers, nothing held in memory.
+"""The reconciler: drives every active job from the database and the schedulers, nothing held in memory.
 
-Each pass launches queued runs (within launcher capacity), polls the jobs of active runs, applies the
-lifecycle transitions, records checkpoints the jobs left behind, requeues preempted or lost jobs up to
-`max_requeues`, and stops the jobs of runs cancelled meanwhile. A restarted service resumes from the
-same state, because that state is SQL rows, scheduler job ids and files in the run folders.
+One routine for every kind of job (pretraining runs, evaluations): each pass launches queued jobs within
+their launcher's capacity, polls the scheduler jobs of active ones, applies the lifecycle transitions,
+closes attempts (with their accelerator-seconds), requeues preempted or lost jobs up to `max_requeues`,
+retries the failures a kind retries, stops the scheduler jobs of jobs cancelled meanwhile, and mirrors
+terminal states to MLflow. What differs per kind (the job file, what a completed result means, what runs
+while the job runs) is the kind's `JobKind`. A restarted service resumes from the same state, because
+that state is SQL rows, scheduler job ids and files in the job folders.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,36 +21,57 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Attempt, Evaluation, Run, utcnow
+from orchestrator.db.models import Attempt, Job, utcnow
 from orchestrator.db.session import Database
-from orchestrator.evaluations import ACTIVE, EvalJob, eval_dir, plan_final
+from orchestrator.jobs.files import read_result
+from orchestrator.jobs.kinds import KINDS, Context, handler, job_spec
+from orchestrator.jobs.records import (
+    advance,
+    close_attempt,
+    current_attempt,
+    get_job,
+    record_event,
+    scheduler_restart,
+    transition,
+)
 from orchestrator.launchers import Launchers
-from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
-from orchestrator.lifecycle import TERMINAL, RunStatus, path_to
+from orchestrator.launchers.base import JobState, JobStatus, Launcher, LauncherError, Resources
+from orchestrator.lifecycle import TERMINAL, Status
 from orchestrator.mlflow_bridge import MlflowBridge
-from orchestrator.service import get_run, record_checkpoint, record_event, run_token, transition
 from orchestrator.settings import Settings
-from orchestrator.worker import JobFile, read_result, train_dir
 
 log = logging.getLogger("orchestrator.reconciler")
 ACTOR = "reconciler"
-WAITING = (RunStatus.SUBMITTED, RunStatus.REQUEUED, RunStatus.RUNNING, RunStatus.PREEMPTED)
+#: How an attempt the reconciler stopped for silence is marked, so its end is settled as lost, not cancelled.
+NO_HEARTBEAT = "lost: no heartbeat for"
 
 
 @dataclass
 class PassStats:
-    runs: int = 0
+    jobs: int = 0
     launched: int = 0
     settled: int = 0
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def advance(session: Any, run: Run, target: RunStatus, reason: str | None, **data: Any) -> None:
-    """Walk the allowed transitions to `target`, logging each (a poll can miss intermediate states)."""
-    for step in path_to(RunStatus(run.status), target):
-        transition(session, run, step, ACTOR, reason if step == target else f"(passed through) {reason or ''}", **data)
+@dataclass(frozen=True)
+class Tracked:
+    """What one pass knows about an active job before it takes any lock."""
+
+    job_id: uuid.UUID
+    kind: str
+    status: Status
+    launcher: str
+    attempt_state: str | None = None
+    backend_job_id: str | None = None
+    restarts_seen: int = 0  # earlier attempts under the same scheduler job id (scheduler-side requeues)
+
+    @property
+    def queue(self) -> str:
+        return KINDS[self.kind].queue
 
 
 class Reconciler:
@@ -62,6 +85,7 @@ class Reconciler:
         self.settings, self.db = settings, db
         self.launchers = launchers or Launchers(settings)
         self.mlflow = mlflow
+        self.ctx = Context(settings, mlflow)
 
     # ------------------------------------------------------------------ loop
 
@@ -78,446 +102,278 @@ class Reconciler:
     def reconcile_once(self) -> PassStats:
         started = time.perf_counter()
         stats = PassStats()
-        with self.db.transaction() as session:
-            unfinished = select(Attempt.run_id).where(Attempt.state != "ended")
-            rows = session.execute(
-                select(Run.id, Run.status, Run.launcher)
-                .where(or_(Run.status.not_in([s.value for s in TERMINAL]), Run.id.in_(unfinished)))
-                .order_by(Run.created_at)
-            ).all()
-            job_ids: dict[str, list[str]] = {}
-            latest: dict[uuid.UUID, tuple[str, str | None]] = {}  # run -> (attempt state, job id)
-            active = [row[0] for row in rows]
-            for start in range(0, len(active), 500):
-                for run_id, state, backend, job_id in session.execute(
-                    select(Attempt.run_id, Attempt.state, Attempt.backend, Attempt.backend_job_id)
-                    .where(Attempt.run_id.in_(active[start : start + 500]))
-                    .order_by(Attempt.number)
-                ):
-                    latest[run_id] = (state, job_id)
-                    if state != "ended" and job_id is not None:
-                        job_ids.setdefault(backend, []).append(str(job_id))
+        tracked = self._tracked()
+        stats.jobs = len(tracked)
         polls: dict[str, JobStatus] = {}
-        for backend, ids in job_ids.items():
+        groups: dict[tuple[str, str], list[str]] = {}
+        for job in tracked:
+            if job.attempt_state not in (None, "ended", "submitting") and job.backend_job_id is not None:
+                groups.setdefault((job.launcher, job.queue), []).append(job.backend_job_id)
+        for (name, queue), ids in groups.items():
             try:
-                polls.update(self.launchers.get(backend).poll_many(ids))
+                polls.update(self.launchers.get(name, queue).poll_many(ids))
             except LauncherError as exc:
-                stats.errors.append(f"{backend}: {exc}")
-        capacity: dict[str, int | None] = {}
-        stats.runs = len(rows)
-        for run_id, status, launcher in rows:
+                stats.errors.append(f"{name}: {exc}")
+        capacity: dict[tuple[str, str], int | None] = {}
+        for job in tracked:
             try:
-                if status == RunStatus.QUEUED.value:
-                    if launcher not in capacity:
-                        capacity[launcher] = self.launchers.get(launcher).capacity()
-                    free = capacity[launcher]
+                if job.status == Status.QUEUED:
+                    key = (job.launcher, job.queue)
+                    if key not in capacity:
+                        capacity[key] = self.launchers.get(*key).capacity()
+                    free = capacity[key]
                     if free is not None and free <= 0:
                         continue
-                    if self._launch(run_id):
+                    if self._launch(job.job_id):
                         stats.launched += 1
                         if free is not None:
-                            capacity[launcher] = free - 1
-                elif self._may_change(RunStatus(status), latest.get(run_id), polls):
-                    stats.settled += self._follow(run_id, polls)
-            except Exception as exc:  # one bad run must not stop the others
-                log.exception("run %s", run_id)
-                stats.errors.append(f"{run_id}: {exc}")
-        self._evaluations_pass(stats)
+                            capacity[key] = free - 1
+                elif self._may_change(job, polls):
+                    stats.settled += self._follow(job, polls)
+            except Exception as exc:  # one bad job must not stop the others
+                log.exception("%s job %s", job.kind, job.job_id)
+                stats.errors.append(f"{job.kind} {job.job_id}: {exc}")
+        self._sync_mlflow(stats)
         stats.seconds = time.perf_counter() - started
         return stats
 
+    def _tracked(self) -> list[Tracked]:
+        """Active jobs and terminal jobs whose last attempt is still open, oldest first, with that attempt."""
+        with self.db.sessions() as session:
+            unfinished = select(Attempt.job_id).where(Attempt.state != "ended")
+            rows = session.execute(
+                select(Job.id, Job.kind, Job.status, Job.launcher)
+                .where(or_(Job.status.not_in([s.value for s in TERMINAL]), Job.id.in_(unfinished)))
+                .order_by(Job.created_at)
+            ).all()
+            attempts: dict[uuid.UUID, list[tuple[str, str | None]]] = {}
+            ids = [row[0] for row in rows]
+            for start in range(0, len(ids), 500):
+                for job_id, state, backend_job_id in session.execute(
+                    select(Attempt.job_id, Attempt.state, Attempt.backend_job_id)
+                    .where(Attempt.job_id.in_(ids[start : start + 500]))
+                    .order_by(Attempt.number)
+                ):
+                    attempts.setdefault(job_id, []).append((state, backend_job_id))
+        tracked = []
+        for job_id, kind, status, launcher in rows:
+            history = attempts.get(job_id, [])
+            if not history:
+                tracked.append(Tracked(job_id, kind, Status(status), launcher))
+                continue
+            state, backend_job_id = history[-1]
+            same = 0
+            for _, earlier in reversed(history[:-1]):
+                if earlier is None or earlier != backend_job_id:
+                    break
+                same += 1
+            tracked.append(Tracked(job_id, kind, Status(status), launcher, state, backend_job_id, same))
+        return tracked
+
     # ------------------------------------------------------------------ launching
 
-    def _ensure_mlflow(self, run: Run) -> None:
-        if self.mlflow is None or run.mlflow_run_id:
-            return
-        experiment_id = self.mlflow.experiment_id(run.experiment.name)
-        tags = {
-            "orch.run_id": str(run.id),
-            "orch.config_hash": run.config_hash,
-            "orch.launcher": run.launcher,
-            "method": run.method,
-        }
-        run.mlflow_experiment_id = experiment_id
-        run.mlflow_run_id = self.mlflow.create_run(experiment_id, run.name, tags)
-        run.experiment.mlflow_experiment_id = experiment_id
-
-    def _launch(self, run_id: uuid.UUID, requeue_reason: str | None = None) -> bool:
-        """Create the next attempt, commit it, then submit (submission is idempotent on the attempt key)."""
+    def _launch(self, job_id: uuid.UUID) -> bool:
+        """Create the next attempt and its job file, commit, then submit (idempotent on the attempt key)."""
         with self.db.transaction() as session:
-            run = get_run(session, run_id, lock=True)
-            status = RunStatus(run.status)
-            if status not in (RunStatus.QUEUED, RunStatus.REQUEUED):
+            job = get_job(session, Job, job_id, "job", lock=True)
+            if Status(job.status) not in (Status.QUEUED, Status.REQUEUED):
                 return False
-            self._ensure_mlflow(run)
-            run_dir = Path(run.output_dir).parent
-            run_dir.mkdir(parents=True, exist_ok=True)
-            JobFile(
-                run_id=str(run.id),
-                config=run.config,
-                api_url=self.settings.api_url,
-                token=run_token(self.settings.secret, run.id),
-                mlflow_tracking_uri=self.mlflow.tracking_uri if self.mlflow else self.settings.tracking_uri,
-                mlflow_run_id=run.mlflow_run_id,
-                backend=run.launcher,
-            ).write(run_dir)
-            last = run.attempts[-1] if run.attempts else None
+            kind = handler(job.kind)
+            last = current_attempt(job)
             if last is not None and last.state == "submitting":
                 attempt = last  # crashed between commit and submit last time: submit the same key again
             else:
-                resources = run.resources
+                resources = Resources.model_validate(job.resources)
                 attempt = Attempt(
-                    run=run,
+                    job=job,
                     number=(last.number + 1) if last else 1,
-                    backend=run.launcher,
+                    backend=job.launcher,
                     state="submitting",
-                    accelerators=int(resources.get("nodes", 1)) * int(resources.get("gpus_per_node", 0)),
+                    accelerators=resources.nodes * resources.gpus_per_node,
                 )
                 session.add(attempt)
             session.flush()
-            from orchestrator.service import job_spec
-
-            spec = job_spec(run, attempt.number, self.settings.python)
+            folder = Path(job.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            kind.prepare(self.ctx, session, job, attempt.number).write(folder)
+            spec = job_spec(str(job.id), job.kind, folder, job.resources, attempt.number, self.settings.python)
             attempt.log_path = str(spec.log_dir / f"attempt-{attempt.number}.log")
-            number = attempt.number
-        launcher = self.launchers.get(run.launcher)
+            number, launcher_name, queue = attempt.number, job.launcher, KINDS[job.kind].queue
+        launcher = self.launchers.get(launcher_name, queue)
         try:
-            job_id = launcher.submit(spec)
-            error = None
+            backend_job_id, error = launcher.submit(spec), None
         except LauncherError as exc:
-            job_id, error = None, str(exc)
+            backend_job_id, error = None, str(exc)
         with self.db.transaction() as session:
-            run = get_run(session, run_id, lock=True)
-            attempt = next(a for a in run.attempts if a.number == number)
+            job = get_job(session, Job, job_id, "job", lock=True)
+            attempt = next(a for a in job.attempts if a.number == number)
             if error is not None:
-                attempt.state, attempt.ended_at, attempt.exit_reason = "ended", utcnow(), f"submission failed: {error}"
-                if not RunStatus(run.status).terminal:
-                    advance(session, run, RunStatus.FAILED, f"submission failed: {error}")
-                    self._finish_mlflow(run)
+                close_attempt(attempt, reason=f"submission failed: {error}")
+                if not Status(job.status).terminal:
+                    advance(session, job, Status.FAILED, ACTOR, f"submission failed: {error}")
                 return False
-            attempt.backend_job_id, attempt.state = job_id, "pending"
-            record_event(session, run, "attempt", ACTOR, "submitted", number=number, job_id=job_id)
-            if RunStatus(run.status) == RunStatus.QUEUED:
-                transition(session, run, RunStatus.SUBMITTED, ACTOR, f"{run.launcher} job {job_id}")
-            elif RunStatus(run.status).terminal:  # cancelled while we were submitting
-                launcher.cancel(str(job_id))
+            attempt.backend_job_id, attempt.state = backend_job_id, "pending"
+            record_event(session, job, "attempt", ACTOR, "submitted", number=number, job_id=backend_job_id)
+            if Status(job.status) == Status.QUEUED:
+                transition(session, job, Status.SUBMITTED, ACTOR, f"{launcher_name} job {backend_job_id}")
+            elif Status(job.status).terminal:  # cancelled while we were submitting
+                launcher.cancel(str(backend_job_id))
         return True
 
     # ------------------------------------------------------------------ following
 
     @staticmethod
-    def _may_change(status: RunStatus, attempt: tuple[str, str | None] | None, polls: dict[str, JobStatus]) -> bool:
-        """Skip the locking transaction for the common pass where nothing can change: a job still queued
-        by its scheduler for a run already marked submitted or requeued."""
-        if attempt is None:
+    def _may_change(job: Tracked, polls: dict[str, JobStatus]) -> bool:
+        """Skip the locking transaction for the common pass where nothing can change: a job still queued by
+        its scheduler, not restarted, for a job already marked submitted or requeued."""
+        if job.attempt_state is None:
             return False
-        state, job_id = attempt
-        if state != "pending" or job_id is None or job_id not in polls:
+        if job.attempt_state != "pending" or job.backend_job_id not in polls:
             return True
-        return not (polls[job_id].state == JobState.PENDING and status in (RunStatus.SUBMITTED, RunStatus.REQUEUED))
+        poll = polls[job.backend_job_id]
+        unchanged = poll.state == JobState.PENDING and poll.restarts <= job.restarts_seen
+        return not (unchanged and job.status in (Status.SUBMITTED, Status.REQUEUED))
 
-    def _follow(self, run_id: uuid.UUID, polls: dict[str, JobStatus]) -> int:
+    def _follow(self, tracked: Tracked, polls: dict[str, JobStatus]) -> int:
         with self.db.transaction() as session:
-            run = get_run(session, run_id, lock=True)
-            attempt = run.attempts[-1] if run.attempts else None
-            status = RunStatus(run.status)
+            job = get_job(session, Job, tracked.job_id, "job", lock=True)
+            attempt = current_attempt(job)
             if attempt is None:
                 return 0
             if attempt.state == "submitting":
-                if status.terminal:
-                    attempt.state = "ended"
+                if Status(job.status).terminal:
+                    close_attempt(attempt, reason="cancelled before its submission completed")
                     return 0
                 relaunch = True
-            else:  # a requeued run whose previous attempt is settled waits for its next attempt
-                relaunch = status == RunStatus.REQUEUED and attempt.state == "ended"
+            else:  # a requeued job whose previous attempt is settled waits for its next attempt
+                relaunch = Status(job.status) == Status.REQUEUED and attempt.state == "ended"
         if relaunch:
-            self._launch(run_id)
+            self._launch(tracked.job_id)
             return 0
-        assert attempt.backend_job_id is not None
-        job = polls.get(attempt.backend_job_id)
-        if job is None:
+        poll = polls.get(attempt.backend_job_id or "")
+        if poll is None:
             return 0
-        launcher = self.launchers.get(attempt.backend)
+        launcher = self.launchers.get(tracked.launcher, tracked.queue)
         with self.db.transaction() as session:
-            run = get_run(session, run_id, lock=True)
-            attempt = run.attempts[-1]
-            status = RunStatus(run.status)
+            job = get_job(session, Job, tracked.job_id, "job", lock=True)
+            attempt = current_attempt(job)
+            assert attempt is not None
+            if poll.restarts > tracked.restarts_seen and not Status(job.status).terminal:
+                number = attempt.number + poll.restarts - tracked.restarts_seen
+                attempt = scheduler_restart(session, job, number, ACTOR, poll.reason or "requeued by the scheduler")
+                if self._over_budget(session, job, launcher, attempt):
+                    return 1
+            status = Status(job.status)
             if status.terminal:  # cancelled (or settled) while the job still runs: stop it, then close the attempt
-                if not job.state.ended:
+                if not poll.state.ended:
                     launcher.cancel(str(attempt.backend_job_id))
                     return 0
-                self._close_attempt(attempt, job)
-                self._ingest_checkpoints(session, run, attempt.number)
+                close_attempt(attempt, poll)
+                handler(job.kind).running(self.ctx, session, job, attempt.number)
                 return 1
-            if job.state == JobState.PENDING:
-                if status == RunStatus.RUNNING:  # the scheduler put it back in the queue (SLURM requeue)
-                    advance(session, run, RunStatus.REQUEUED, job.reason or "scheduler requeued the job")
+            if poll.state == JobState.PENDING:
                 return 0
-            if job.state == JobState.RUNNING:
+            if poll.state == JobState.RUNNING:
                 attempt.state = "running"
-                attempt.host = attempt.host or job.host
-                attempt.started_at = attempt.started_at or job.started_at or utcnow()
-                if status in (RunStatus.SUBMITTED, RunStatus.REQUEUED, RunStatus.PREEMPTED):
-                    advance(session, run, RunStatus.RUNNING, f"running on {job.host or 'its node'}")
-                self._check_heartbeat(session, run, attempt, job, launcher)
-                self._ingest_checkpoints(session, run, attempt.number)
+                attempt.host = attempt.host or poll.host
+                attempt.started_at = attempt.started_at or poll.started_at or utcnow()
+                if status in (Status.SUBMITTED, Status.REQUEUED, Status.PREEMPTED):
+                    advance(session, job, Status.RUNNING, ACTOR, f"running on {poll.host or 'its node'}")
+                self._check_heartbeat(session, job, attempt, poll, launcher)
+                handler(job.kind).running(self.ctx, session, job, attempt.number)
                 return 0
-            # the job has ended: settle the attempt from its result file, whatever the reports said
-            self._settle(session, run, attempt, job)
-            requeued = RunStatus(run.status) == RunStatus.REQUEUED
+            self._settle(session, job, attempt, poll)  # the scheduler job ended: the result file decides
+            requeued = Status(job.status) == Status.REQUEUED
         if requeued:
-            self._launch(run_id)
+            self._launch(tracked.job_id)
         return 1
 
-    def _check_heartbeat(self, session: Any, run: Run, attempt: Attempt, job: JobStatus, launcher: Any) -> None:
+    def _over_budget(self, session: Session, job: Job, launcher: Launcher, attempt: Attempt) -> bool:
+        """Scheduler-side requeues count against the same budget as ours: past it, stop the job and fail."""
+        if job.requeues <= self.settings.max_requeues:
+            return False
+        launcher.cancel(str(attempt.backend_job_id))
+        close_attempt(attempt, reason="requeue budget exhausted")
+        advance(
+            session, job, Status.FAILED, ACTOR, f"requeued by the scheduler; gave up after {job.requeues - 1} requeues"
+        )
+        return True
+
+    def _check_heartbeat(self, session: Session, job: Job, attempt: Attempt, poll: JobStatus, launcher: Any) -> None:
         """A job the scheduler calls running but that has said nothing for too long is hung: stop it (it is
         then settled like a lost job). Measured from its latest sign of life, a (re)start included."""
         timeout = timedelta(seconds=self.settings.heartbeat_timeout_s)
-        signs = [t for t in (run.last_heartbeat_at, attempt.started_at, job.started_at) if t is not None]
+        signs = [t for t in (job.last_heartbeat_at, attempt.started_at, poll.started_at) if t is not None]
         last = max(signs) if signs else None
         if last is not None and utcnow() - last > timeout:
-            record_event(session, run, "lost", ACTOR, f"no heartbeat for {timeout}; stopping the job to requeue it")
+            record_event(session, job, "lost", ACTOR, f"no heartbeat for {timeout}; stopping the job to requeue it")
+            attempt.exit_reason = f"{NO_HEARTBEAT} {timeout}"
             launcher.cancel(str(attempt.backend_job_id))
 
-    def _close_attempt(self, attempt: Attempt, job: JobStatus) -> None:
-        attempt.state = "ended"
-        attempt.ended_at = job.ended_at or utcnow()
-        attempt.exit_code = job.exit_code
-        attempt.exit_reason = attempt.exit_reason or job.reason or job.state.value
-        attempt.host = attempt.host or job.host
-        if attempt.started_at is None and job.started_at is not None:
-            attempt.started_at = job.started_at
-        if attempt.started_at is not None:
-            seconds = max((attempt.ended_at - attempt.started_at).total_seconds(), 0.0)
-            attempt.accelerator_seconds = seconds * attempt.accelerators
-
-    def _ingest_checkpoints(self, session: Any, run: Run, attempt: int) -> None:
-        """Checkpoints the trainer logged (catches up on reports lost while the service was down)."""
-        log_file = Path(run.output_dir) / "log.jsonl"
-        if not log_file.exists():
-            return
-        known = {(c.path, c.sha256) for c in run.checkpoints}
-        for line in log_file.read_text().splitlines():
-            if '"checkpoint"' not in line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line being written right now
-            if record.get("event") != "checkpoint" or not record.get("sha256"):
-                continue
-            if (record["path"], record["sha256"]) in known:
-                continue
-            record_checkpoint(
-                session,
-                self.settings,
-                run,
-                attempt=attempt,
-                path=record["path"],
-                epoch=int(record["epoch"]),
-                step=int(record["iteration"]),
-                sha256=record["sha256"],
-                kind=record.get("kind", "epoch"),
-                actor=ACTOR,
-            )
-            known.add((record["path"], record["sha256"]))
-
-    def _settle(self, session: Any, run: Run, attempt: Attempt, job: JobStatus) -> None:
-        run_dir = Path(run.output_dir).parent
-        # SLURM requeues of the same job leave result files of later attempts
+    def _settle(self, session: Session, job: Job, attempt: Attempt, poll: JobStatus) -> None:
+        """Close the attempt and decide the job's next state from the scheduler's word and the result file."""
+        folder = Path(job.folder)
         number = attempt.number
-        while read_result(run_dir, number + 1) is not None:
+        while read_result(folder, number + 1) is not None:  # restarts of the same job left later result files
             number += 1
-            extra = Attempt(
-                run=run,
-                number=number,
-                backend=attempt.backend,
-                backend_job_id=attempt.backend_job_id,
-                accelerators=attempt.accelerators,
-                state="running",
-                log_path=attempt.log_path,
-            )
-            session.add(extra)
-            self._close_attempt(attempt, JobStatus(JobState.PREEMPTED, reason="requeued by the scheduler"))
-            attempt = extra
-        self._close_attempt(attempt, job)
-        self._ingest_checkpoints(session, run, attempt.number)
-        result = read_result(run_dir, attempt.number)
+        if number > attempt.number:
+            attempt = scheduler_restart(session, job, number, ACTOR, "requeued by the scheduler")
+        close_attempt(attempt, poll)
+        kind = handler(job.kind)
+        kind.running(self.ctx, session, job, attempt.number)
+        result = read_result(folder, attempt.number)
         outcome = result.get("status") if result else None
-        if outcome == "completed" and job.state == JobState.COMPLETED:
-            final = Path(result.get("checkpoint") or train_dir(run_dir) / "checkpoint.pth") if result else None
-            if final is None or not final.exists():
-                advance(session, run, RunStatus.FAILED, "job reported completion but its final checkpoint is missing")
+        reason = str(result["reason"]) if result and result.get("reason") else None
+        if outcome == "completed" and poll.state == JobState.COMPLETED:
+            assert result is not None
+            succeeded, why = kind.completed(self.ctx, session, job, attempt.number, result)
+            advance(session, job, Status.SUCCEEDED if succeeded else Status.FAILED, ACTOR, why)
+        elif (
+            outcome == "interrupted"
+            or (poll.state in (JobState.PREEMPTED, JobState.LOST) and outcome != "failed")
+            or (outcome is None and (attempt.exit_reason or "").startswith(NO_HEARTBEAT))
+        ):
+            why = attempt.exit_reason = reason or attempt.exit_reason or poll.reason or poll.state.value
+            if job.requeues < self.settings.max_requeues:
+                advance(session, job, Status.PREEMPTED, ACTOR, why)
+                job.requeues += 1
+                transition(session, job, Status.REQUEUED, ACTOR, f"requeue {job.requeues}/{self.settings.max_requeues}")
             else:
-                run.progress = {**run.progress, "iteration": result.get("iteration") if result else None}
-                advance(session, run, RunStatus.SUCCEEDED, "training completed")
-                if run.experiment.eval_policy.get("benchmarks"):
-                    plan_final(session, self.settings, run)
-        elif outcome == "interrupted" or (job.state in (JobState.PREEMPTED, JobState.LOST) and outcome != "failed"):
-            why = (result or {}).get("reason") or job.reason or job.state.value
-            attempt.exit_reason = why
-            if run.requeues < self.settings.max_requeues:
-                advance(session, run, RunStatus.PREEMPTED, why)
-                run.requeues += 1
-                transition(
-                    session, run, RunStatus.REQUEUED, ACTOR, f"requeue {run.requeues}/{self.settings.max_requeues}"
-                )
-            else:
-                advance(session, run, RunStatus.FAILED, f"{why}; gave up after {run.requeues} requeues")
+                advance(session, job, Status.FAILED, ACTOR, f"{why}; gave up after {job.requeues} requeues")
+        elif poll.state == JobState.CANCELLED and result is None:
+            advance(session, job, Status.CANCELLED, ACTOR, poll.reason or "cancelled by the scheduler")
         else:
-            why = (result or {}).get("reason") or job.reason or f"job {job.state.value}"
-            if result is None and job.state == JobState.COMPLETED:
+            why = reason or poll.reason or f"job {poll.state.value}"
+            if result is None and poll.state == JobState.COMPLETED:
                 why = "job exited 0 without a result file"
-            advance(session, run, RunStatus.FAILED, why)
-        if RunStatus(run.status).terminal:
-            self._finish_mlflow(run)
-
-    def _finish_mlflow(self, run: Run) -> None:
-        if self.mlflow is not None and run.mlflow_run_id:
-            try:
-                self.mlflow.terminate(run.mlflow_run_id, RunStatus(run.status))
-            except Exception as exc:  # MLflow is the view, SQL the truth: never fail a transition on it
-                log.warning("MLflow status of run %s not updated: %s", run.id, exc)
-
-    # ------------------------------------------------------------------ evaluations
-
-    def _evaluations_pass(self, stats: PassStats) -> None:
-        """Launch queued evaluations on their own launcher queue, follow the others, retry failures."""
-        with self.db.transaction() as session:
-            rows = session.execute(
-                select(Evaluation.id, Evaluation.status, Evaluation.launcher, Evaluation.backend_job_id)
-                .where(Evaluation.status.in_([*ACTIVE, "submitting"]))
-                .order_by(Evaluation.created_at)
-            ).all()
-        jobs: dict[str, list[str]] = {}
-        for _, status, launcher, job_id in rows:
-            if status in ("submitted", "running") and job_id:
-                jobs.setdefault(launcher, []).append(job_id)
-        polls: dict[str, JobStatus] = {}
-        for backend, ids in jobs.items():
-            try:
-                polls.update(self.launchers.get(backend, queue="eval").poll_many(ids))
-            except LauncherError as exc:
-                stats.errors.append(f"{backend} (evaluations): {exc}")
-        capacity: dict[str, int | None] = {}
-        for evaluation_id, status, launcher, job_id in rows:
-            try:
-                if status in ("queued", "submitting"):
-                    if launcher not in capacity:
-                        capacity[launcher] = self.launchers.get(launcher, queue="eval").capacity()
-                    free = capacity[launcher]
-                    if free is not None and free <= 0 and status == "queued":
-                        continue
-                    if self._launch_evaluation(evaluation_id) and free is not None:
-                        capacity[launcher] = free - 1
-                elif job_id and job_id in polls:
-                    self._follow_evaluation(evaluation_id, polls[job_id])
-            except Exception as exc:
-                log.exception("evaluation %s", evaluation_id)
-                stats.errors.append(f"evaluation {evaluation_id}: {exc}")
-
-    def _launch_evaluation(self, evaluation_id: uuid.UUID) -> bool:
-        with self.db.transaction() as session:
-            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
-            if evaluation is None or evaluation.status not in ("queued", "submitting"):
-                return False
-            if evaluation.status == "queued":  # a new attempt; "submitting" repeats a crashed submission
-                evaluation.attempts += 1
-                evaluation.status = "submitting"
-            run = get_run(session, evaluation.run_id)
-            folder = eval_dir(self.settings, evaluation)
-            EvalJob(
-                evaluation_id=str(evaluation.id),
-                run_id=str(run.id),
-                benchmark=evaluation.benchmark,
-                config=evaluation.config,
-                dataset=evaluation.dataset,
-                checkpoint=evaluation.checkpoint.path,
-                checkpoint_sha256=evaluation.checkpoint_sha256,
-                checkpoint_step=evaluation.checkpoint.step,
-                cache_dir=str(self.settings.home.resolve() / "feature-cache"),
-                mlflow_tracking_uri=self.mlflow.tracking_uri if self.mlflow else self.settings.tracking_uri,
-                mlflow_experiment_id=run.mlflow_experiment_id,
-                mlflow_parent_run_id=run.mlflow_run_id,
-            ).write(folder)
-            attempt = evaluation.attempts
-            spec = JobSpec(
-                run_id=str(evaluation.id),
-                attempt=attempt,
-                name=f"orch-eval-{evaluation.benchmark}-{str(evaluation.id)[:8]}",
-                argv=[self.settings.python, "-m", "orchestrator.eval_worker", str(folder), "--attempt", str(attempt)],
-                workdir=folder,
-                resources=Resources.model_validate(evaluation.resources),
-            )
-            launcher_name = evaluation.launcher
-        launcher = self.launchers.get(launcher_name, queue="eval")
-        try:
-            job_id, error = launcher.submit(spec), None
-        except LauncherError as exc:
-            job_id, error = None, str(exc)
-        with self.db.transaction() as session:
-            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
-            assert evaluation is not None
-            if error is not None:
-                evaluation.status, evaluation.error, evaluation.ended_at = (
-                    "failed",
-                    f"submission failed: {error}",
-                    utcnow(),
-                )
-                return False
-            evaluation.status, evaluation.backend_job_id = "submitted", job_id
-        return True
-
-    def _follow_evaluation(self, evaluation_id: uuid.UUID, job: JobStatus) -> None:
-        with self.db.transaction() as session:
-            evaluation = session.get(Evaluation, evaluation_id, with_for_update=True)
-            if evaluation is None or evaluation.status not in ("submitted", "running"):
-                return
-            if job.state == JobState.RUNNING:
-                evaluation.status = "running"
-                evaluation.started_at = evaluation.started_at or job.started_at or utcnow()
-                return
-            if not job.state.ended:
-                return
-            result = read_result(eval_dir(self.settings, evaluation), evaluation.attempts) or {}
-            run = get_run(session, evaluation.run_id)
-            evaluation.started_at = evaluation.started_at or job.started_at
-            if result.get("status") == "completed" and job.state == JobState.COMPLETED:
-                evaluation.status, evaluation.error = "succeeded", None
-                evaluation.metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
-                evaluation.seconds = result.get("seconds")
-                evaluation.mlflow_run_id = result.get("mlflow_run_id")
-                evaluation.ended_at = utcnow()
-                record_event(
-                    session,
-                    run,
-                    "evaluation",
-                    ACTOR,
-                    f"{evaluation.benchmark} succeeded",
-                    evaluation_id=str(evaluation.id),
-                    metrics=evaluation.metrics,
-                )
-                return
-            error = result.get("error") or job.reason or f"job {job.state.value}"
-            evaluation.error = error
-            evaluation.mlflow_run_id = result.get("mlflow_run_id") or evaluation.mlflow_run_id
-            if evaluation.attempts < evaluation.max_attempts:
-                evaluation.status, evaluation.backend_job_id = "queued", None  # retried on the next pass
-                record_event(
-                    session,
-                    run,
-                    "evaluation",
-                    ACTOR,
-                    f"{evaluation.benchmark} attempt {evaluation.attempts} failed, retrying: {error}",
-                    evaluation_id=str(evaluation.id),
-                )
+            attempt.exit_reason = why
+            retry = kind.retry_failure(job)
+            if retry is not None:
+                transition(session, job, Status.REQUEUED, ACTOR, f"attempt {attempt.number} failed ({why}); {retry}")
             else:
-                evaluation.status, evaluation.ended_at = "failed", utcnow()
-                record_event(
-                    session,
-                    run,
-                    "evaluation",
-                    ACTOR,
-                    f"{evaluation.benchmark} failed: {error}",
-                    evaluation_id=str(evaluation.id),
+                advance(session, job, Status.FAILED, ACTOR, why)
+
+    # ------------------------------------------------------------------ MLflow
+
+    def _sync_mlflow(self, stats: PassStats) -> None:
+        """MLflow follows SQL for every terminal state, whoever ended the job (user, scheduler, settle)."""
+        if self.mlflow is None:
+            return
+        with self.db.sessions() as session:
+            pending = session.execute(
+                select(Job.id, Job.status, Job.mlflow_run_id).where(
+                    Job.status.in_([s.value for s in TERMINAL]),
+                    Job.mlflow_run_id.is_not(None),
+                    Job.mlflow_synced.is_(False),
                 )
+            ).all()
+        for job_id, status, run_id in pending:
+            try:
+                self.mlflow.terminate(str(run_id), Status(status))
+            except Exception as exc:  # MLflow is the view, SQL the truth: try again next pass
+                stats.errors.append(f"MLflow status of {job_id} not updated: {exc}")
+                continue
+            with self.db.transaction() as session:
+                job = session.get(Job, job_id)
+                if job is not None:
+                    job.mlflow_synced = True

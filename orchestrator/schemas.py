@@ -11,19 +11,17 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from evaluator.config import BenchmarkName
+from orchestrator.launchers import LauncherName
 from orchestrator.launchers.base import Resources
-from orchestrator.lifecycle import RunStatus
+from orchestrator.lifecycle import Status
 from trainer.config import TrainConfig
 
-LauncherName = Literal["local", "slurm", "ray", "dryrun"]
 T = TypeVar("T")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-BenchmarkName = Literal["knn", "linear", "det", "seg"]
 
 
 class EvalSpec(_Strict):
@@ -94,7 +92,9 @@ class RunCreate(_Strict):
     preset: str | None = Field(None, description="A configs/ preset the config and overrides start from.")
     config: TrainConfig | None = Field(None, description="A complete config (alternative to preset + overrides).")
     overrides: list[str] = Field(default_factory=list, description="Dotted key=value overrides, e.g. selfpatch.k=4.")
-    launcher: LauncherName | None = Field(None, description="local, slurm, ray or dryrun; default from settings.")
+    launcher: LauncherName | None = Field(
+        None, description="Where it runs (local, slurm, ray, dryrun); default from settings."
+    )
     resources: Resources = Field(default_factory=Resources)
 
     model_config = ConfigDict(
@@ -155,7 +155,7 @@ class RunPublic(BaseModel):
     experiment: str
     name: str
     method: str
-    status: RunStatus
+    status: Status
     status_reason: str | None
     launcher: str
     resources: dict[str, Any]
@@ -182,8 +182,8 @@ class Page(BaseModel, Generic[T]):
     next_page_token: str | None
 
 
-class RunReport(_Strict):
-    """What a job tells the service about itself (authenticated with the run's own token)."""
+class JobReport(_Strict):
+    """What a job tells the service about itself (authenticated with the job's own token)."""
 
     kind: Literal["start", "heartbeat", "checkpoint", "end"]
     attempt: int = Field(ge=1)
@@ -223,6 +223,7 @@ class EvaluationCreate(_Strict):
 class EvaluationPublic(BaseModel):
     id: uuid.UUID
     run_id: uuid.UUID
+    retry_of: uuid.UUID | None
     checkpoint_id: uuid.UUID
     checkpoint_sha256: str
     checkpoint_epoch: int
@@ -233,17 +234,20 @@ class EvaluationPublic(BaseModel):
     config_hash: str
     dataset: str
     trigger: str
-    status: str
+    status: Status
+    status_reason: str | None
+    error: str | None = Field(description="Why it failed (the last failed attempt's reason while it is retried).")
     launcher: str
-    attempts: int
+    requeues: int
     max_attempts: int
     metrics: dict[str, float]
-    error: str | None
     mlflow_run_id: str | None
+    created_by: str
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
     seconds: float | None
+    attempts: list[AttemptPublic] = Field(default_factory=list)
 
 
 class Comparison(BaseModel):

@@ -12,10 +12,17 @@ from pydantic import Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_home() -> Path:
+    """The state folder when ORCH_HOME is not set: one per user, so the CLI finds it from any directory."""
+    return Path.home() / ".orchestrator"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORCH_", env_file=None, extra="ignore")
 
-    home: Path = Field(Path(".orchestrator"), description="State folder: database, run folders, tokens.")
+    home: Path = Field(
+        default_factory=default_home, description="State folder: database, run folders, tokens (~/.orchestrator)."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in <home>/orchestrator.db.")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow store for runs; default $MLFLOW_TRACKING_URI, else SQLite in ./mlruns."

@@ -27,9 +27,7 @@ def micro_checkpoint(method: str = "selfpatch") -> Path:
     from trainer.train import train
 
     out = _ROOT / f"ckpt-{method}"
-    # YAML reads a bare `off` as False, which the trainer's config refuses: quote it
-    overrides = [o.replace("=off", "='off'") for o in micro_overrides(out, method, "optim.epochs=1")]
-    cfg = load_config("tiny_cpu", [*overrides, "optim.warmup_epochs=0"])
+    cfg = load_config("tiny_cpu", [*micro_overrides(out, method, "optim.epochs=1"), "optim.warmup_epochs=0"])
     with torch.enable_grad():  # the first caller may be a no_grad test
         result = train(cfg)
     assert result.status == "completed", result

@@ -5,23 +5,22 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from orchestrator.jobs.files import JobFile, read_result
+from orchestrator.jobs.train import train_dir
 from orchestrator.launchers.base import JobSpec, JobStatus, Launcher, Resources
-from orchestrator.worker import JobFile, read_result, train_dir
-from tests.conftest import micro_overrides
+from tests.support import micro_overrides
 from trainer.presets import load_config
 
 SMALL = Resources(cpus_per_task=1, mem_gb=0.5, time_min=10)
 __all__ = ["read_result"]  # re-exported for the launcher tests
 
-T = TypeVar("T")
 ITERS_PER_EPOCH = 8  # micro_overrides: 64 images, batch 8
 
 
@@ -67,13 +66,14 @@ def make_run_dir(run_dir: Path, api_url: str, backend: str, epochs: int = 2, *ex
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny_cpu", micro_overrides(train_dir(run_dir), "selfpatch", f"optim.epochs={epochs}", *extra))
     JobFile(
-        run_id=run_dir.name,
-        config=cfg.model_dump(mode="json"),
+        kind="train",
+        job_id=run_dir.name,
+        payload={"config": cfg.model_dump(mode="json")},
         api_url=api_url,
+        report_path=f"/api/v1/runs/{run_dir.name}/reports",
         token="test-token",
-        mlflow_tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}",
-        mlflow_run_id=None,
         backend=backend,
+        mlflow_tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}",
     ).write(run_dir)
     return run_dir
 
@@ -83,7 +83,7 @@ def job_spec(tmp_path: Path, argv: list[str], resources: Resources = SMALL, atte
     run_id = uuid.uuid4().hex[:12]
     workdir = tmp_path / run_id
     workdir.mkdir(parents=True)
-    return JobSpec(run_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
+    return JobSpec(job_id=run_id, attempt=attempt, name="test", argv=argv, workdir=workdir, resources=resources)
 
 
 def py(code: str) -> list[str]:
@@ -110,15 +110,3 @@ def trained_steps(run_dir: Path) -> int:
         if record.get("event") == "step":
             steps.append(int(record["iteration"]))
     return max(steps)
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5) -> T:
-    """Poll until `probe` returns something truthy; a generous deadline only guards against hangs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)

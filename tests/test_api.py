@@ -15,18 +15,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.main import create_app
+from api.shell.embedded import EmbeddedService
 from orchestrator.db.models import Event, IdempotencyRecord, Run
 from orchestrator.db.session import Database
-from orchestrator.embedded import EmbeddedService
+from orchestrator.jobs.files import job_token
 from orchestrator.reconciler import Reconciler
-from orchestrator.service import run_token
-from tests.orch_support import ADMIN, READER, auth, db_url, free_port, make_settings  # noqa: F401 (fixture)
+from tests.support import ADMIN, READER, auth, free_port, make_settings
 
 TINY = {"preset": "tiny_cpu", "overrides": ["optim.epochs=1"], "launcher": "dryrun"}
 
 
 @pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Any:  # noqa: F811
+def settings(tmp_path: Path, db_url: str) -> Any:
     return make_settings(tmp_path / "home", db_url)
 
 
@@ -48,7 +48,7 @@ def count_rows(settings: Any, model: Any) -> int:
 def test_health_is_open_and_everything_else_needs_a_token(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["schema"] == "0002"
+    assert ready.status_code == 200 and ready.json()["schema"] == "0003"
     for method, path in [("GET", "/api/v1/runs"), ("POST", "/api/v1/runs"), ("GET", "/api/v1/experiments")]:
         response = client.request(method, path, json={})
         assert response.status_code == 401
@@ -120,7 +120,7 @@ def test_dry_run_renders_the_submission_without_side_effects(client: TestClient,
     response = client.post("/api/v1/runs?dry_run=true", json={**TINY, "launcher": "local"}, headers=auth())
     assert response.status_code == 200
     dry = response.json()
-    assert "orchestrator.worker" in dry["rendered"] and dry["launcher"] == "local" and len(dry["config_hash"]) == 64
+    assert "-m orchestrator.jobs" in dry["rendered"] and dry["launcher"] == "local" and len(dry["config_hash"]) == 64
     assert count_rows(settings, Run) == 0
     assert not (settings.home / "local-jobs").exists()
 
@@ -193,9 +193,9 @@ def test_job_reports_need_the_runs_own_token_and_drive_the_lifecycle(client: Tes
     url = f"/api/v1/runs/{run['id']}/reports"
     start = {"kind": "start", "attempt": 1, "host": "node-7", "iteration": 0, "total_iterations": 100}
     assert client.post(url, json=start, headers=auth(ADMIN)).status_code == 401  # an admin token is not the run's
-    other = run_token(settings.secret, uuid.uuid4())
+    other = job_token(settings.secret, uuid.uuid4())
     assert client.post(url, json=start, headers=auth(other)).status_code == 401
-    token = run_token(settings.secret, run["id"])
+    token = job_token(settings.secret, run["id"])
     assert client.post(url, json=start, headers=auth(token)).status_code == 204
     shown = client.get(f"/api/v1/runs/{run['id']}", headers=auth()).json()
     assert shown["status"] == "running" and shown["attempts"][0]["host"] == "node-7"
@@ -252,3 +252,65 @@ def test_concurrent_first_submits_to_a_new_experiment_create_it_once(settings: A
         names = [e["name"] for e in httpx.get(f"{service.url}/api/v1/experiments", headers=auth()).json()["items"]]
     assert statuses == [202] * 10
     assert names == ["fresh-experiment"] and count_rows(settings, Run) == 10
+
+
+def test_evaluations_are_jobs_over_rest_cancel_retry_reports_and_events(
+    client: TestClient, settings: Any, tmp_path: Path
+) -> None:
+    from orchestrator.jobs.fake import FakeLauncher
+    from orchestrator.launchers import Launchers
+    from tests.support import FASHION_MNIST
+
+    state = client.app.state.orch  # type: ignore[attr-defined]
+    fake = FakeLauncher()
+    state.launchers = Launchers(settings, fixed={"local": fake})
+    reconciler = Reconciler(settings, state.db, state.launchers)
+    run = client.post("/api/v1/runs", json={**TINY, "launcher": "local"}, headers=auth()).json()
+    reconciler.reconcile_once()
+    run_token = job_token(settings.secret, run["id"])
+    path = tmp_path / "checkpoint0000.pth"
+    path.write_bytes(b"weights")
+    report = {"kind": "checkpoint", "attempt": 1, "path": str(path), "epoch": 1, "iteration": 8, "sha256": "c" * 64}
+    assert client.post(f"/api/v1/runs/{run['id']}/reports", json=report, headers=auth(run_token)).status_code == 204
+    checkpoint = client.get(f"/api/v1/runs/{run['id']}/checkpoints", headers=auth()).json()[0]
+    url = f"/api/v1/checkpoints/{checkpoint['id']}/evaluations"
+    missing = client.post(url, json={"benchmark": "knn", "data": str(tmp_path / "nope")}, headers=auth())
+    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "data"
+    spec = {"benchmark": "knn", "data": str(FASHION_MNIST), "max_attempts": 1}
+    created = client.post(url, json=spec, headers=auth())
+    assert created.status_code == 202 and created.json()["status"] == "queued" and created.json()["attempts"] == []
+    evaluation = created.json()
+    reconciler.reconcile_once()
+    shown = client.get(f"/api/v1/evaluations/{evaluation['id']}", headers=auth(READER)).json()
+    assert shown["status"] == "submitted" and [a["number"] for a in shown["attempts"]] == [1]
+    reports = f"/api/v1/evaluations/{evaluation['id']}/reports"
+    start = {"kind": "start", "attempt": 1, "host": "node-3"}
+    assert client.post(reports, json=start, headers=auth(run_token)).status_code == 401  # the run's token is not its
+    eval_token = job_token(settings.secret, evaluation["id"])
+    assert client.post(reports, json=start, headers=auth(eval_token)).status_code == 204
+    assert client.get(f"/api/v1/evaluations/{evaluation['id']}", headers=auth()).json()["status"] == "running"
+    assert client.post(f"/api/v1/evaluations/{evaluation['id']}/cancel", headers=auth(READER)).status_code == 403
+    cancelled = client.post(f"/api/v1/evaluations/{evaluation['id']}/cancel", headers=auth())
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert fake.cancelled == [fake.job_of(evaluation["id"])]
+    assert client.post(f"/api/v1/evaluations/{evaluation['id']}/cancel", headers=auth()).status_code == 409
+    events = client.get(f"/api/v1/evaluations/{evaluation['id']}/events", headers=auth()).json()["items"]
+    assert [e["to_status"] for e in events if e["to_status"]] == ["queued", "submitted", "running", "cancelled"]
+    retried = client.post(f"/api/v1/evaluations/{evaluation['id']}/retry", headers=auth())
+    assert retried.status_code == 202 and retried.json()["retry_of"] == evaluation["id"]
+    again = client.post(url, json=spec, headers=auth())  # the live retry answers for the same evaluation
+    assert again.status_code == 200 and again.json()["id"] == retried.json()["id"]
+    assert client.post(f"/api/v1/evaluations/{retried.json()['id']}/retry", headers=auth()).status_code == 409
+
+
+def test_the_api_and_the_reconciler_never_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; t = time.perf_counter(); import api.main, orchestrator.reconciler, orchestrator.jobs.fake; "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'torchvision', 'mlflow', 'ray'}); "
+        "print(heavy, round(time.perf_counter() - t, 2))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("]")[0] + "]" == "[]", out

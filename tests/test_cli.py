@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.embedded import EmbeddedService
-from tests.conftest import REPO
-from tests.orch_support import ADMIN, free_port, make_settings
-from tests.test_orch_local import MICRO
+from api.shell.embedded import EmbeddedService
+from tests.support import ADMIN, MICRO, REPO, free_port, make_settings
 
 CLI = str(Path(sys.executable).parent / "orchestrator")
 
@@ -78,12 +77,15 @@ def test_bad_input_exits_nonzero_with_one_line(service: EmbeddedService, tmp_pat
     assert export.returncode == 2 and export.stderr.count("\n") == 1 and "corrupt" in export.stderr
 
 
+@pytest.mark.slow
 def test_submit_follow_runs_to_success_and_ckpt_export(service: EmbeddedService, tmp_path: Path) -> None:
     done = cli("submit", "tiny_cpu", *MICRO, "--launcher", "local", "--follow", service=service, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "succeeded" in done.stderr and "checkpoint epoch" in done.stderr
+    assert "succeeded" in done.stderr and re.search(r"checkpoint [0-9a-f-]{36}  epoch +2", done.stderr)
     run_id = done.stdout.split()[1]
     show = json.loads(cli("runs", "show", run_id, "--output", "json", service=service).stdout)
+    shown = cli("runs", "show", run_id, service=service).stdout
+    assert all(c["id"] in shown for c in show["checkpoints"]) and show["checkpoints"]  # what `evals run` takes
     checkpoint = Path(show["output_dir"]) / "checkpoint.pth"
     exported = cli("ckpt", "export", str(checkpoint), str(tmp_path / "exp"), "--output", "json")
     assert exported.returncode == 0, exported.stderr
@@ -93,3 +95,36 @@ def test_submit_follow_runs_to_success_and_ckpt_export(service: EmbeddedService,
     assert "cls_token" not in weights and "pos_embed" in weights  # the SelfPatch backbone has no [CLS]
     logs = cli("runs", "logs", run_id, "--tail", "5", service=service)
     assert logs.returncode == 0 and logs.stdout.strip()
+
+
+def test_the_token_is_found_from_any_directory_and_a_missing_one_is_explained(tmp_path: Path) -> None:
+    """ORCH_TOKEN, then $ORCH_HOME/admin.token, then the default home; a 401 says which token was tried."""
+    import os
+
+    home = tmp_path / "svc-home"
+    settings = make_settings(home, f"sqlite:///{tmp_path / 'orch.db'}").model_copy(
+        update={"admin_tokens": "", "read_tokens": ""}
+    )
+    with EmbeddedService(settings, port=free_port(), reconciler=False) as service:  # writes home/admin.token
+        env = {**os.environ, "ORCH_URL": service.url, "HOME": str(tmp_path / "user")}
+        env.pop("ORCH_TOKEN", None)
+        env.pop("ORCH_HOME", None)
+
+        def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [CLI, *args], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=120
+            )
+
+        found = run("runs", "list", ORCH_HOME=str(home))
+        assert found.returncode == 0, found.stderr
+        missing = run("runs", "list")
+        assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+        assert "HTTP 401" in missing.stderr and "admin.token (missing)" in missing.stderr
+        assert str(tmp_path / "user" / ".orchestrator" / "admin.token") in missing.stderr
+        wrong = run("runs", "list", ORCH_TOKEN="not-the-token")
+        assert wrong.returncode == 1 and "--token / $ORCH_TOKEN" in wrong.stderr
+        (tmp_path / "user" / ".orchestrator").mkdir(parents=True)
+        (tmp_path / "user" / ".orchestrator" / "admin.token").write_text((home / "admin.token").read_text())
+        assert run("runs", "list").returncode == 0  # the default home, from any directory
+    down = run("runs", "list", ORCH_URL="http://127.0.0.1:9")
+    assert down.returncode == 1 and "orchestrator serve" in down.stderr and "HTTP 0" not in down.stderr

@@ -87,3 +87,13 @@ def test_unknown_keys_are_refused_with_their_name() -> None:
 def test_valid_border_accepts_grids_smaller_than_the_window() -> None:
     cfg = load_config("tiny_cpu", ["crops.local_size=8", "selfpatch.border=valid"])
     assert cfg.crops.local_size == 8
+
+
+def test_arch_names_shapes_and_timm_names_come_from_one_table() -> None:
+    from trainer.config import ARCHS, ModelConfig, arch_for_width
+
+    assert ModelConfig.model_json_schema()["properties"]["arch"]["enum"] == list(ARCHS)
+    assert ARCHS["vit_small"].timm_name == "vit_small_patch16_224" and arch_for_width(384) == "vit_small"
+    assert arch_for_width(32) is None
+    for name, spec in ARCHS.items():
+        assert ModelConfig(arch=name).dims == (spec.width, spec.depth, spec.heads)

@@ -10,9 +10,10 @@ import torch
 from evaluator.backbones import FeatureSpec, default_out_indices, load_backbone, random_backbone
 from tests.eval_support import micro_checkpoint
 from trainer.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
-from trainer.export import config_of, export_checkpoint
+from trainer.export import export_checkpoint
 from trainer.files import sha256_file
 from trainer.models.wrapper import build_model
+from trainer.weights import config_of
 
 
 def _teacher(path: Path) -> torch.nn.Module:

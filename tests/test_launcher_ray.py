@@ -20,8 +20,10 @@ from tests.launcher_support import (
     py,
     read_result,
     report_sink,
-    wait_for,
 )
+from tests.support import wait_for
+
+pytestmark = pytest.mark.services  # a real cluster
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayLauncher]:
 
 def test_render_is_the_job_spec_without_side_effects(tmp_path: Path) -> None:
     fresh = RayLauncher(None, tmp_path / "state")
-    spec = JobSpec("r1", 2, "n", ["/venv/bin/python", "-m", "orchestrator.worker", "/runs/r1", "--attempt", "2"],
+    spec = JobSpec("r1", 2, "n", ["/venv/bin/python", "-m", "orchestrator.jobs", "/runs/r1", "--attempt", "2"],
                    tmp_path / "run", Resources(gpus_per_node=4, cpus_per_task=3, mem_gb=1.5))  # fmt: skip
     rendered = json.loads(fresh.render(spec))
     assert rendered["submission_id"] == spec.key
@@ -54,7 +56,7 @@ def test_render_is_the_job_spec_without_side_effects(tmp_path: Path) -> None:
     assert rendered["entrypoint_memory"] == int(1.5 * 2**30)
     assert rendered["entrypoint"] == (
         f"cd {tmp_path / 'run'} && exec /venv/bin/python -m torch.distributed.run --standalone "
-        "--nproc_per_node=4 -m orchestrator.worker /runs/r1 --attempt 2"
+        "--nproc_per_node=4 -m orchestrator.jobs /runs/r1 --attempt 2"
     )
     assert rendered["runtime_env"]["env_vars"]["ORCH_RUN_ID"] == "r1"
     assert rendered["metadata"] == {"orch_run_id": "r1", "orch_attempt": "2", "orch_run_dir": str(tmp_path / "run")}
@@ -71,7 +73,7 @@ def test_exit_codes_map_to_states(tmp_path: Path, launcher: RayLauncher) -> None
     ids = {code: launcher.submit(spec) for code, spec in specs.items()}
     assert ids[0] == specs[0].key  # submission_id = the spec key
     wait_for(
-        "the three jobs to end", lambda: all(s.state.ended for s in launcher.poll_many([*ids.values()]).values()), 180
+        lambda: all(s.state.ended for s in launcher.poll_many([*ids.values()]).values()), 180, "the three jobs to end"
     )
     statuses = launcher.poll_many([*ids.values(), "orch-unknown-a1"])
     assert statuses[ids[0]].state == JobState.COMPLETED and statuses[ids[0]].exit_code == 0
@@ -94,9 +96,9 @@ def test_interrupted_result_file_means_preempted_without_exit_75(tmp_path: Path,
         f"pathlib.Path({str(spec.workdir / 'result-1.json')!r}).write_text(json.dumps({{'status': 'interrupted'}}))\n"
         "sys.exit(1)\n"
     )
-    spec = JobSpec(spec.run_id, 1, "test", py(code), spec.workdir, SMALL)
+    spec = JobSpec(spec.job_id, 1, "test", py(code), spec.workdir, SMALL)
     job_id = launcher.submit(spec)
-    status = wait_for("the job to end", lambda: ended(launcher, job_id), 120)
+    status = wait_for(lambda: ended(launcher, job_id), 120, "the job to end")
     assert status.state == JobState.PREEMPTED and status.exit_code == 1
 
 
@@ -107,7 +109,7 @@ def test_submit_is_idempotent_on_the_key(tmp_path: Path, launcher: RayLauncher) 
     # another service process pointed at the same cluster finds the job instead of starting a second one
     other = RayLauncher(launcher.address, tmp_path / "other-state")
     assert other.submit(spec) == job_id
-    wait_for("the job to end", lambda: ended(launcher, job_id), 120)
+    wait_for(lambda: ended(launcher, job_id), 120, "the job to end")
     assert other.submit(spec) == job_id
     assert len([j for j in other._client().list_jobs() if j.submission_id == spec.key]) == 1
 
@@ -127,10 +129,10 @@ def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: RayLauncher
     )
     spec = job_spec(tmp_path, py(code))
     job_id = launcher.submit(spec)
-    wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 120)
+    wait_for(lambda: "started" in launcher.logs(job_id), 120, "the job's first output")
     assert launcher.poll(job_id).state == JobState.RUNNING
     launcher.cancel(job_id)
-    status = wait_for("CANCELLED", lambda: ended(launcher, job_id), 30)
+    status = wait_for(lambda: ended(launcher, job_id), 30, "CANCELLED")
     assert status.state == JobState.CANCELLED, status
     launcher.cancel(job_id)  # harmless once ended
     launcher.cancel("orch-unknown-a1")
@@ -140,10 +142,10 @@ def test_the_real_worker_trains_a_micro_run_to_completion(tmp_path: Path, launch
     epochs = 2
     with report_sink() as sink:
         run_dir = make_run_dir(tmp_path / "run", sink.url, "ray", epochs)
-        argv = [sys.executable, "-m", "orchestrator.worker", str(run_dir), "--attempt", "1"]
+        argv = [sys.executable, "-m", "orchestrator.jobs", str(run_dir), "--attempt", "1"]
         spec = JobSpec(run_dir.name, 1, "micro", argv, run_dir, Resources(cpus_per_task=1, mem_gb=3))
         job_id = launcher.submit(spec)
-        status = wait_for("the run to end", lambda: ended(launcher, job_id), 600)
+        status = wait_for(lambda: ended(launcher, job_id), 600, "the run to end")
         assert status.state == JobState.COMPLETED, (status, launcher.logs(job_id))
         result = read_result(run_dir, 1)
         assert result is not None and result["status"] == "completed"

@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from orchestrator.launchers import slurm as slurm_module
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
 from orchestrator.launchers.slurm import SlurmLauncher, status_from_sacct
-from tests.conftest import REPO
 from tests.launcher_support import (
     ITERS_PER_EPOCH,
     SMALL,
@@ -26,8 +25,8 @@ from tests.launcher_support import (
     read_result,
     report_sink,
     trained_steps,
-    wait_for,
 )
+from tests.support import REPO, wait_for
 
 
 def _slurm_answers() -> str | None:
@@ -40,6 +39,9 @@ def _slurm_answers() -> str | None:
         if out.returncode != 0:
             return f"{command[0]}: {out.stderr.strip()[:300]}"
     return None
+
+
+pytestmark = pytest.mark.services  # a real cluster
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,7 +86,7 @@ def test_render_is_submitits_script_with_the_options_and_no_side_effect(tmp_path
         qos="high",
         extra={"constraint": "a100", "exclusive": "true", "nice": "10", "signal": "USR2@120"},
     )
-    spec = JobSpec("r1", 3, "n", ["/venv/bin/python", "-m", "orchestrator.worker", "/runs/r1", "--attempt", "3"],
+    spec = JobSpec("r1", 3, "n", ["/venv/bin/python", "-m", "orchestrator.jobs", "/runs/r1", "--attempt", "3"],
                    tmp_path / "run", resources)  # fmt: skip
     script = launcher.render(spec)
     for line in (
@@ -108,7 +110,7 @@ def test_render_is_submitits_script_with_the_options_and_no_side_effect(tmp_path
     ):
         assert line in script.splitlines(), line
     assert "-m submitit.core._submit" in script and "--cpus-per-task=8" in script.split("srun", 1)[1]
-    assert "orchestrator.worker /runs/r1 --attempt 3" in script
+    assert "orchestrator.jobs /runs/r1 --attempt 3" in script
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists()
     assert _squeue_names(spec.key) == ""
     # the default partition applies when the run names none
@@ -172,9 +174,9 @@ def test_exit_codes_map_to_states_with_one_sacct_call(
     specs = {code: job_spec(tmp_path, py(f"print('exit {code}'); raise SystemExit({code})")) for code in (0, 75, 1)}
     ids = {code: launcher.submit(spec) for code, spec in specs.items()}
     wait_for(
-        "the three jobs to end",
         lambda: all(s.state.ended for s in launcher.poll_many(list(ids.values())).values()),
         180,
+        "the three jobs to end",
     )
 
     calls: list[list[str]] = []
@@ -209,7 +211,7 @@ def test_submit_is_idempotent_on_the_key(tmp_path: Path, launcher: SlurmLauncher
     # a service that lost its state folder (or crashed between sbatch and writing it) finds the job by name
     assert SlurmLauncher(tmp_path / "other-state").submit(spec) == job_id
     assert _squeue_names(spec.key) in ("", job_id)
-    wait_for("the job to end", lambda: ended(launcher, job_id), 120)
+    wait_for(lambda: ended(launcher, job_id), 120, "the job to end")
     assert SlurmLauncher(tmp_path / "third-state").submit(spec) == job_id  # found in accounting once it ended
     other = job_spec(tmp_path, py("pass"), attempt=2)
     assert launcher.submit(other) != job_id
@@ -224,19 +226,19 @@ def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: SlurmLaunch
     )
     spec = job_spec(tmp_path, py(code))
     job_id = launcher.submit(spec)
-    wait_for("the job to run", lambda: launcher.poll(job_id).state == JobState.RUNNING, 120)
-    wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 60)
+    wait_for(lambda: launcher.poll(job_id).state == JobState.RUNNING, 120, "the job to run")
+    wait_for(lambda: "started" in launcher.logs(job_id), 60, "the job's first output")
     launcher.cancel(job_id)
-    status = wait_for("CANCELLED", lambda: ended(launcher, job_id), 30)
+    status = wait_for(lambda: ended(launcher, job_id), 30, "CANCELLED")
     assert status.state == JobState.CANCELLED, status
     launcher.cancel(job_id)  # cancelling an ended job is harmless
 
 
 def _real_worker_spec(tmp_path: Path, api_url: str, epochs: int) -> JobSpec:
     run_dir = make_run_dir(tmp_path / f"run-{uuid.uuid4().hex[:8]}", api_url, "slurm", epochs)
-    argv = [sys.executable, "-m", "orchestrator.worker", str(run_dir), "--attempt", "1"]
+    argv = [sys.executable, "-m", "orchestrator.jobs", str(run_dir), "--attempt", "1"]
     resources = Resources(cpus_per_task=1, mem_gb=3, time_min=30)
-    return JobSpec(run_id=run_dir.name, attempt=1, name="micro", argv=argv, workdir=run_dir, resources=resources)
+    return JobSpec(job_id=run_dir.name, attempt=1, name="micro", argv=argv, workdir=run_dir, resources=resources)
 
 
 def _check_resumed(spec: JobSpec, launcher: SlurmLauncher, job_id: str, total: int) -> None:
@@ -267,11 +269,11 @@ def test_submitit_signal_checkpoints_requeues_and_attempt_2_resumes(tmp_path: Pa
     with report_sink() as sink:
         spec = _real_worker_spec(tmp_path, sink.url, epochs)
         job_id = launcher.submit(spec)
-        wait_for("the first training steps", lambda: trained_steps(spec.workdir) >= 2, 300)
+        wait_for(lambda: trained_steps(spec.workdir) >= 2, 300, "the first training steps")
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
+        requeued = wait_for(lambda: _requeued(launcher, job_id), 120, "the requeue")
         assert requeued.state in (JobState.PENDING, JobState.RUNNING)
-        wait_for("attempt 2 to finish", lambda: ended(launcher, job_id), 600)
+        wait_for(lambda: ended(launcher, job_id), 600, "attempt 2 to finish")
         _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
         log = launcher.logs(job_id, tail=2000)
         assert "Calling checkpoint method" in log and f"Requeued job {job_id}" in log
@@ -285,11 +287,11 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(tmp_path: Path, launcher: 
     with report_sink() as sink:
         spec = _real_worker_spec(tmp_path, sink.url, epochs)
         job_id = launcher.submit(spec)
-        wait_for("the first training steps", lambda: trained_steps(spec.workdir) >= 2, 300)
+        wait_for(lambda: trained_steps(spec.workdir) >= 2, 300, "the first training steps")
         subprocess.run(["scontrol", "requeue", job_id], check=True)
-        requeued = wait_for("the requeue", lambda: _requeued(launcher, job_id), 120)
+        requeued = wait_for(lambda: _requeued(launcher, job_id), 120, "the requeue")
         assert requeued.state in (JobState.PENDING, JobState.RUNNING)
-        wait_for("attempt 2 to finish", lambda: ended(launcher, job_id), 600)
+        wait_for(lambda: ended(launcher, job_id), 600, "attempt 2 to finish")
         _check_resumed(spec, launcher, job_id, epochs * ITERS_PER_EPOCH)
 
 
@@ -305,9 +307,9 @@ def test_a_timeout_past_submitits_budget_ends_preempted_not_failed(tmp_path: Pat
         "time.sleep(600)\n"
     )
     job_id = launcher.submit(job_spec(tmp_path, py(code)))
-    wait_for("the job's first output", lambda: "started" in launcher.logs(job_id), 120)
+    wait_for(lambda: "started" in launcher.logs(job_id), 120, "the job's first output")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    status = wait_for("the job to end", lambda: ended(launcher, job_id), 120)
+    status = wait_for(lambda: ended(launcher, job_id), 120, "the job to end")
     assert status.state == JobState.PREEMPTED and status.exit_code == 75 and status.restarts == 0, status
     log = launcher.logs(job_id)
     assert "checkpointed" in log and "timed-out too many times" in log

@@ -7,14 +7,14 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from orchestrator.embedded import EmbeddedService
-from tests.orch_support import auth, free_port, make_settings, wait_for
-from tests.test_orch_local import body, get, status_of, submit
+from api.shell.embedded import EmbeddedService
+from tests.support import auth, body, free_port, get, make_settings, settled, status_of, submit, wait_for
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # real SLURM and Ray clusters train micro runs
 
 SLURM_RESOURCES = {"cpus_per_task": 1, "mem_gb": 2, "time_min": 20}
 
@@ -33,19 +33,9 @@ def service(tmp_path: Path) -> Iterator[EmbeddedService]:
         yield svc
 
 
-def _settled(url: str, run_id: str, timeout: float) -> dict[str, Any]:
-    final = wait_for(
-        lambda: status_of(url, run_id) in ("succeeded", "failed", "cancelled") and get(url, f"/runs/{run_id}"),
-        timeout,
-        "the run to end",
-    )
-    assert isinstance(final, dict)
-    return final
-
-
 def test_slurm_run_succeeds_with_checkpoints(service: EmbeddedService, slurm_up: None) -> None:
     run = submit(service.url, {**body(launcher="slurm"), "resources": SLURM_RESOURCES})
-    final = _settled(service.url, run["id"], 600)
+    final = settled(service.url, f"/runs/{run['id']}", 600)
     assert final["status"] == "succeeded", final["status_reason"]
     attempt = final["attempts"][0]
     assert attempt["backend"] == "slurm" and attempt["backend_job_id"].isdigit() and attempt["exit_code"] == 0
@@ -88,7 +78,7 @@ def test_slurm_preemption_comes_back_as_attempt_2_and_finishes(service: Embedded
     )
     job_id = get(service.url, f"/runs/{run['id']}")["attempts"][0]["backend_job_id"]
     subprocess.run(["scontrol", "requeue", job_id], check=True)  # the preemption SLURM itself performs
-    final = _settled(service.url, run["id"], 600)
+    final = settled(service.url, f"/runs/{run['id']}", 600)
     assert final["status"] == "succeeded", final["status_reason"]
     numbers = [a["number"] for a in final["attempts"]]
     assert numbers == [1, 2] and {a["backend_job_id"] for a in final["attempts"]} == {job_id}
@@ -102,7 +92,7 @@ def test_slurm_preemption_comes_back_as_attempt_2_and_finishes(service: Embedded
 
 def test_ray_run_succeeds_with_checkpoints(service: EmbeddedService) -> None:
     run = submit(service.url, {**body(launcher="ray"), "resources": {"cpus_per_task": 1, "mem_gb": 2}})
-    final = _settled(service.url, run["id"], 600)
+    final = settled(service.url, f"/runs/{run['id']}", 600)
     assert final["status"] == "succeeded", final["status_reason"]
     attempt = final["attempts"][0]
     assert (

@@ -1,4 +1,5 @@
-"""The run state machine."""
+"""The job state machines: runs and evaluations share every rule but one (an evaluation retries a failed
+attempt straight from running to requeued)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,22 @@ import itertools
 
 import pytest
 
-from orchestrator.lifecycle import ALLOWED, TERMINAL, RunStatus, TransitionError, check_transition, path_to
+from orchestrator.lifecycle import EVALUATION, RUN, TERMINAL, Lifecycle, Status, TransitionError
+
+MACHINES = pytest.mark.parametrize("machine", [RUN, EVALUATION], ids=["run", "evaluation"])
 
 
-def test_terminal_states_never_change() -> None:
+@MACHINES
+def test_terminal_states_never_change(machine: Lifecycle) -> None:
     for status in TERMINAL:
-        assert ALLOWED[status] == frozenset()
-        for target in RunStatus:
+        assert machine.allowed[status] == frozenset()
+        for target in Status:
             with pytest.raises(TransitionError, match="it is final"):
-                check_transition(status, target)
+                machine.check(status, target)
 
 
-def test_the_documented_happy_and_preemption_paths_are_allowed() -> None:
+@MACHINES
+def test_the_documented_happy_and_preemption_paths_are_allowed(machine: Lifecycle) -> None:
     chain = [
         "queued",
         "submitted",
@@ -31,9 +36,10 @@ def test_the_documented_happy_and_preemption_paths_are_allowed() -> None:
         "succeeded",
     ]
     for a, b in itertools.pairwise(chain):
-        check_transition(RunStatus(a), RunStatus(b))
+        machine.check(Status(a), Status(b))
 
 
+@MACHINES
 @pytest.mark.parametrize(
     ("current", "target"),
     [
@@ -45,14 +51,28 @@ def test_the_documented_happy_and_preemption_paths_are_allowed() -> None:
         ("running", "queued"),
     ],
 )
-def test_shortcuts_are_refused(current: str, target: str) -> None:
+def test_shortcuts_are_refused(machine: Lifecycle, current: str, target: str) -> None:
     with pytest.raises(TransitionError):
-        check_transition(RunStatus(current), RunStatus(target))
+        machine.check(Status(current), Status(target))
 
 
-def test_success_is_only_reachable_through_running() -> None:
-    assert path_to(RunStatus.SUBMITTED, RunStatus.SUCCEEDED) == [RunStatus.RUNNING, RunStatus.SUCCEEDED]
-    assert path_to(RunStatus.RUNNING, RunStatus.REQUEUED) == [RunStatus.PREEMPTED, RunStatus.REQUEUED]
-    assert path_to(RunStatus.QUEUED, RunStatus.QUEUED) == []
+@MACHINES
+def test_success_is_only_reachable_through_running(machine: Lifecycle) -> None:
+    assert machine.path_to(Status.SUBMITTED, Status.SUCCEEDED) == [Status.RUNNING, Status.SUCCEEDED]
+    assert machine.path_to(Status.QUEUED, Status.QUEUED) == []
     with pytest.raises(TransitionError):
-        path_to(RunStatus.CANCELLED, RunStatus.RUNNING)
+        machine.path_to(Status.CANCELLED, Status.RUNNING)
+
+
+def test_a_run_reaches_requeued_only_through_preempted() -> None:
+    assert RUN.path_to(Status.RUNNING, Status.REQUEUED) == [Status.PREEMPTED, Status.REQUEUED]
+    with pytest.raises(TransitionError):
+        RUN.check(Status.RUNNING, Status.REQUEUED)
+
+
+def test_an_evaluation_retries_a_failed_attempt_without_passing_through_preempted() -> None:
+    assert EVALUATION.path_to(Status.RUNNING, Status.REQUEUED) == [Status.REQUEUED]
+    EVALUATION.check(Status.SUBMITTED, Status.REQUEUED)
+    assert set(EVALUATION.allowed) == set(RUN.allowed) == set(Status)
+    extra = {s: EVALUATION.allowed[s] - RUN.allowed[s] for s in Status if EVALUATION.allowed[s] - RUN.allowed[s]}
+    assert extra == {Status.SUBMITTED: {Status.REQUEUED}, Status.RUNNING: {Status.REQUEUED}}

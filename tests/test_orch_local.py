@@ -11,34 +11,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from orchestrator.embedded import EmbeddedService
-from tests.conftest import REPO, micro_overrides
-from tests.orch_support import ADMIN, auth, free_port, make_settings, mlflow_server, wait_for  # noqa: F401
+from api.shell.embedded import EmbeddedService
+from tests.support import ADMIN, REPO, auth, body, free_port, get, make_settings, status_of, submit, wait_for
 
-MICRO = [o for o in micro_overrides(Path("/unused")) if not o.startswith(("checkpoint.output_dir", "logging."))]
-
-
-def body(*extra: str, launcher: str = "local") -> dict[str, Any]:
-    return {"experiment": "e2e", "preset": "tiny_cpu", "overrides": [*MICRO, *extra], "launcher": launcher}
-
-
-def get(url: str, path: str) -> Any:
-    response = httpx.get(f"{url}/api/v1{path}", headers=auth(), timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
-def status_of(url: str, run_id: str) -> str:
-    return str(get(url, f"/runs/{run_id}")["status"])
+pytestmark = pytest.mark.slow  # real jobs train on the local launcher
 
 
 @pytest.fixture
-def service(tmp_path: Path, mlflow_server: str) -> Iterator[EmbeddedService]:  # noqa: F811
+def service(tmp_path: Path, mlflow_server: str) -> Iterator[EmbeddedService]:
     settings = make_settings(
         tmp_path / "home",
         f"sqlite:///{tmp_path / 'orch.db'}",
@@ -50,14 +34,7 @@ def service(tmp_path: Path, mlflow_server: str) -> Iterator[EmbeddedService]:  #
         yield svc
 
 
-def submit(url: str, payload: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{url}/api/v1/runs", json=payload, headers=auth(), timeout=60)
-    assert response.status_code == 202, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-def test_local_run_succeeds_with_checkpoints_and_one_mlflow_run(service: EmbeddedService, mlflow_server: str) -> None:  # noqa: F811
+def test_local_run_succeeds_with_checkpoints_and_one_mlflow_run(service: EmbeddedService, mlflow_server: str) -> None:
     run = submit(service.url, body())
     final = wait_for(
         lambda: status_of(service.url, run["id"]) in ("succeeded", "failed") and get(service.url, f"/runs/{run['id']}"),
@@ -102,6 +79,7 @@ def test_local_run_succeeds_with_checkpoints_and_one_mlflow_run(service: Embedde
     assert {"config.yaml", "manifest.json"} <= artifacts
     logs = httpx.get(f"{service.url}/api/v1/runs/{run['id']}/logs", headers=auth(), timeout=30).text
     assert "done" in logs or "iteration" in logs
+    assert "HTTP Request" not in logs  # the job's log is about the job, not its report requests
 
 
 def _job_pids(service: EmbeddedService, run_id: str) -> list[int]:
@@ -141,7 +119,7 @@ def test_cancel_stops_the_job(service: EmbeddedService) -> None:
 
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(
     service: EmbeddedService,
-    mlflow_server: str,  # noqa: F811
+    mlflow_server: str,
 ) -> None:
     run = submit(service.url, body("optim.epochs=12"))
     _wait_running_with_checkpoint(service, run["id"])

@@ -162,6 +162,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # a real process is signalled and rerun
 def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes(tmp_path: Path) -> None:
     args = ["--config", "tiny_cpu", *micro_overrides(tmp_path, "selfpatch", "optim.epochs=8", "logging.log_every=1")]
     proc = _cli(*args)
@@ -193,6 +194,7 @@ def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(tmp_path: Path) ->
     assert proc.returncode == 0 and "config_hash" in out and not (REPO / "outputs" / "tiny_cpu" / "x").exists()
 
 
+@pytest.mark.slow  # two processes train together
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     torchrun = str(Path(PY).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

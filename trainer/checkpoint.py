@@ -3,10 +3,13 @@
 Layout: student, teacher (state dicts without a DDP prefix), optimizer, epoch (the epoch to run next, or
 the one in progress for a mid-epoch save), iteration (global steps done), config (plain dict), args
 (the equivalent DINO/SelfPatch command-line flags), dino_loss (both centers), fp16_scaler, rng, metrics.
+Reading weights out of any checkpoint (ours or foreign) is `trainer.weights`' job; this module saves and
+loads whole training states.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import random
@@ -22,6 +25,8 @@ from trainer.files import atomic_write
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "iteration", "config")
+#: Classes the official DINO / SelfPatch checkpoints pickle next to their tensors (`args`); timm allows it too.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +54,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "Weights only load failed" in first_line:

@@ -9,20 +9,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Method = Literal["dino", "selfpatch"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-#: Width, depth and heads of the named ViTs (DINO's `vit_tiny`, `vit_small`, `vit_base`).
-ARCHS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One named ViT: its shape and the timm registry model whose defaults an export is rebuilt from."""
+
+    width: int
+    depth: int
+    heads: int
+    timm_name: str
+
+
+#: The named ViTs (DINO's `vit_tiny`, `vit_small`, `vit_base`): the only place their shapes and names are spelled.
+ARCHS: dict[str, ArchSpec] = {
+    "vit_tiny": ArchSpec(192, 12, 3, "vit_tiny_patch16_224"),
+    "vit_small": ArchSpec(384, 12, 6, "vit_small_patch16_224"),
+    "vit_base": ArchSpec(768, 12, 12, "vit_base_patch16_224"),
 }
+
+if TYPE_CHECKING:
+    ArchName = str
+else:  # derived from the table, so pydantic validates the names and the JSON schema lists them
+    ArchName = Literal[tuple(ARCHS)]
+
+
+def arch_for_width(width: int) -> str | None:
+    """The named ViT of this width, if any (checkpoints without a config of ours are matched by width)."""
+    return next((name for name, spec in ARCHS.items() if spec.width == width), None)
 
 
 class _Section(BaseModel):
@@ -30,9 +52,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: Literal["vit_tiny", "vit_small", "vit_base"] = Field(
-        "vit_small", description="ViT size (DINO names). SelfPatch's README trains vit_small."
-    )
+    arch: ArchName = Field("vit_small", description="ViT size (DINO names). SelfPatch's README trains vit_small.")
     patch_size: int = Field(16, ge=1, le=64, description="Patch side in pixels (16 or 8 in the papers).")
     img_size: int | None = Field(
         None, ge=8, description="Image side the positional embedding is learned for; default: crops.global_size."
@@ -50,8 +70,8 @@ class ModelConfig(_Section):
     @property
     def dims(self) -> tuple[int, int, int]:
         """(embed_dim, depth, num_heads) after overrides."""
-        width, depth, heads = ARCHS[self.arch]
-        return (self.embed_dim or width, self.depth or depth, self.num_heads or heads)
+        spec = ARCHS[self.arch]
+        return (self.embed_dim or spec.width, self.depth or spec.depth, self.num_heads or spec.heads)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

@@ -1,9 +1,15 @@
 """Exports of the teacher backbone that other tools load strictly (spec D4 of conventions).
 
-From one training checkpoint: a plain timm state dict (torch and safetensors), an mmdet/mmseg file
-(`{'state_dict': {'backbone.*'}}`), a DINO-eval file (`{'teacher': {'backbone.*'}}`) and a JSON manifest
-with the sha256 of every file. Every state dict is loaded with strict=True into the timm model the
-manifest names before anything is written.
+From one checkpoint (ours, or any layout `trainer.weights` reads): a plain timm state dict (torch and
+safetensors), an mmdet/mmseg file (`{'state_dict': {'backbone.*'}}`), a DINO-eval file
+(`{'teacher': {'backbone.*'}}`), for SelfPatch the aggregation module, and a JSON manifest with the sha256 of
+every file and how to load it. The weights are read by `trainer.weights.read_weights` (the one reader) and
+loaded with strict=True into the timm model the manifest names before anything is written.
+
+At other input sizes: the manifest's timm kwargs set `dynamic_img_size=True`, so timm accepts any multiple of
+the patch size, but timm resamples the positional embedding its own way; the manifest's `pos_embed_interp`
+says how training resized it, and `trainer.weights.load_exported_backbone(folder)` rebuilds our module, whose
+features equal the trainer's at every size.
 """
 
 from __future__ import annotations
@@ -17,78 +23,42 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, require_training_checkpoint, strip_prefixes
-from trainer.config import TrainConfig
-from trainer.files import atomic_write, sha256_file
-from trainer.models.vit import TIMM_NAMES, timm_kwargs
-from trainer.presets import ConfigError, validate_config
+from trainer.checkpoint import CheckpointError
+from trainer.config import ARCHS, TrainConfig
+from trainer.files import EXPORT_FILES, MANIFEST, atomic_write, atomic_write_text, sha256_file
+from trainer.models.vit import timm_kwargs
+from trainer.weights import check_state_dict, read_weights
 
-MANIFEST = "manifest.json"
-FORMATS = ("torch", "safetensors", "mm", "dino", "aggregation")
-FILE_NAMES = {
-    "torch": "backbone.pth",
-    "safetensors": "backbone.safetensors",
-    "mm": "backbone_mm.pth",
-    "dino": "teacher_backbone.pth",
-    "aggregation": "aggregation.safetensors",  # SelfPatch only: the teacher's ca_head (image token)
+FORMATS = tuple(EXPORT_FILES)
+LOADERS = {
+    "torch": "model.load_state_dict(torch.load(f, weights_only=True), strict=True)",
+    "safetensors": "model.load_state_dict(safetensors.torch.load_file(f), strict=True)",
+    "mm": "init_cfg=dict(type='Pretrained', checkpoint=f, prefix='backbone.')",
+    "dino": "utils.load_pretrained_weights(model, f, 'teacher', ...)  # DINO eval scripts",
+    "aggregation": "trainer.weights.read_weights(<folder>).aggregation_head()  # AggregationHead, strict load",
 }
 
 
-def config_of(state: dict[str, Any], path: Path) -> TrainConfig:
-    try:
-        return validate_config(state["config"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the config stored in the checkpoint is not valid here: {exc}") from exc
-
-
-def backbone_state_dict(state: dict[str, Any], key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The `backbone.*` weights of the teacher (or student), with prefixes removed."""
-    weights = strip_prefixes(state[key])
-    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise CheckpointError(f"no 'backbone.*' weights under {key!r}")
-    return backbone
-
-
-def aggregation_state_dict(state: dict[str, Any], cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The teacher's SelfPatch aggregation module, verified by a strict load (its image token is a feature)."""
-    from trainer.models.selfpatch import AggregationHead
-
-    weights = strip_prefixes(state["teacher"])
-    module = {
-        k.removeprefix("ca_head."): v.float().contiguous() for k, v in weights.items() if k.startswith("ca_head.")
-    }
-    width, _, heads = cfg.model.dims
-    sp = cfg.selfpatch
-    head = AggregationHead(width, heads, k=sp.k, window=sp.window, border=sp.border, num_blocks=sp.num_blocks)
-    result = head.load_state_dict(module, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"aggregation module does not load strictly: missing {result.missing_keys[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]}"
-        )
-    return module
-
-
-def timm_backbone(cfg: TrainConfig) -> torch.nn.Module:
-    """The plain timm model an export loads into (no class token and no final norm for SelfPatch)."""
-    import timm
-
-    return timm.create_model(
-        TIMM_NAMES[cfg.model.arch], pretrained=False, **timm_kwargs(cfg.model, cfg.method, cfg.img_size)
-    )
+def timm_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """The `timm.create_model` call an export loads into: any input size (timm's own position resize)."""
+    kwargs = {**timm_kwargs(cfg.model, cfg.method, cfg.img_size), "dynamic_img_size": True}
+    return {"model_name": ARCHS[cfg.model.arch].timm_name, "kwargs": kwargs}
 
 
 def verify_strict(weights: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.nn.Module:
-    model = timm_backbone(cfg)
-    result = model.load_state_dict(weights, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {', '.join(result.missing_keys[:6])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {', '.join(result.unexpected_keys[:6])}")
-    if problems:
-        raise CheckpointError("backbone does not load strictly into timm: " + "; ".join(problems))
+    """The plain timm model the manifest names, loaded strictly (no class token and no final norm for SelfPatch)."""
+    import timm
+
+    spec = timm_spec(cfg)
+    model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    check_state_dict(
+        model.state_dict(),
+        weights,
+        "backbone",
+        f"timm.create_model({spec['model_name']!r})",
+        "the timm model the manifest names",
+    )
+    model.load_state_dict(weights, strict=True)
     return model
 
 
@@ -103,45 +73,39 @@ def _write_safetensors(weights: dict[str, torch.Tensor]) -> Any:
     return lambda tmp: save_file(contiguous, str(tmp), metadata={"format": "pt"})
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
-    """Write the exports of `checkpoint` into `out_dir` and return the manifest."""
+def export_checkpoint(
+    checkpoint: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS, *, num_heads: int | None = None
+) -> dict[str, Any]:
+    """Write the exports of `checkpoint` into `out_dir` and return the manifest.
+
+    `num_heads` is for files without a config of ours whose width names no known ViT (see trainer.weights).
+    """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
-    state = load_checkpoint(checkpoint)
-    require_training_checkpoint(state, checkpoint)
-    cfg = config_of(state, checkpoint)
-    weights = {k: v.float().contiguous() for k, v in backbone_state_dict(state).items()}
+    record = read_weights(checkpoint, num_heads=num_heads)
+    cfg, weights = record.config, record.backbone
     verify_strict(weights, cfg)
-
-    if cfg.method != "selfpatch":
+    if record.aggregation is None:
         formats = tuple(f for f in formats if f != "aggregation")
-    aggregation = aggregation_state_dict(state, cfg) if "aggregation" in formats else {}
     prefixed = {f"backbone.{k}": v for k, v in weights.items()}
     writers = {
         "torch": _write_torch(weights),
         "safetensors": _write_safetensors(weights),
         "mm": _write_torch({"state_dict": prefixed, "meta": {"source": str(checkpoint)}}),
         "dino": _write_torch({"teacher": prefixed}),
-        "aggregation": _write_safetensors(aggregation),
-    }
-    loaders = {
-        "torch": "model.load_state_dict(torch.load(f, weights_only=True), strict=True)",
-        "safetensors": "model.load_state_dict(safetensors.torch.load_file(f), strict=True)",
-        "mm": "init_cfg=dict(type='Pretrained', checkpoint=f, prefix='backbone.')",
-        "dino": "utils.load_pretrained_weights(model, f, 'teacher', ...)  # DINO eval scripts",
-        "aggregation": "trainer.models.selfpatch.AggregationHead(...).load_state_dict(load_file(f), strict=True)",
+        "aggregation": _write_safetensors(record.aggregation or {}),
     }
     files: dict[str, Any] = {}
     for fmt in formats:
-        path = out_dir / FILE_NAMES[fmt]
+        path = out_dir / EXPORT_FILES[fmt]
         atomic_write(path, writers[fmt])
         files[fmt] = {
             "path": path.name,
             "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
-            "load": loaders[fmt],
+            "load": LOADERS[fmt],
         }
 
     has_cls = cfg.method == "dino"
@@ -151,40 +115,53 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, formats: tuple[str, ...] 
         "method": cfg.method,
         "arch": cfg.model.arch,
         "patch_size": cfg.model.patch_size,
-        "timm": {"model_name": TIMM_NAMES[cfg.model.arch], "kwargs": timm_kwargs(cfg.model, cfg.method, cfg.img_size)},
+        "img_size": cfg.img_size,
+        "timm": timm_spec(cfg),
         "has_class_token": has_cls,
         "has_final_norm": has_cls,
         "features": "normed [CLS] token"
         if has_cls
         else "raw last-block patch tokens: no [CLS] token and no final norm (SelfPatch backbone)",
+        "pos_embed_interp": cfg.model.pos_embed_interp,
+        "other_input_sizes": (
+            f"any multiple of {cfg.model.patch_size} px; the trainer's exact features (positional embedding resized "
+            f"the '{cfg.model.pos_embed_interp}' way): trainer.weights.load_exported_backbone(<this folder>); "
+            "timm with dynamic_img_size=True resamples it its own way (equal only at img_size)"
+        ),
         "source_checkpoint": {
             "path": str(checkpoint.resolve()),
-            "sha256": sha256_file(checkpoint),
-            "epoch": int(state["epoch"]),
-            "iteration": int(state["iteration"]),
+            "sha256": record.sha256,
+            "layout": record.layout,
+            "epoch": record.meta.get("epoch"),
+            "iteration": record.meta.get("iteration"),
         },
         "config_hash": cfg.config_hash(),
-        "git_commit": state.get("git_commit"),
-        "training_metrics": state.get("metrics", {}),
+        "git_commit": record.meta.get("git_commit"),
+        "training_metrics": record.meta.get("metrics", {}),
         "files": files,
         "config": cfg.model_dump(mode="json"),
     }
-    atomic_write(out_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export",
-        description="Export the teacher backbone of a training checkpoint (timm torch/safetensors, mmdet/mmseg, "
-        "DINO-eval) with a sha256 manifest; every file is verified by a strict timm load.",
+        description="Export the teacher backbone of a checkpoint (ours, official DINO / SelfPatch, DINO-eval, timm, "
+        "mm) as timm torch/safetensors, mmdet/mmseg and DINO-eval files with a sha256 manifest; every file is "
+        "verified by a strict timm load.",
     )
-    parser.add_argument("checkpoint", type=Path, help="training checkpoint (checkpoint.pth or checkpointNNNN.pth)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="training checkpoint (checkpoint.pth, checkpointNNNN.pth) or weights"
+    )
     parser.add_argument("out_dir", type=Path, help="folder for the exported files and manifest.json")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    parser.add_argument("--num-heads", type=int, help="attention heads, for foreign weights of an unknown width")
     args = parser.parse_args(argv)
+    formats = tuple(f for f in args.formats.split(",") if f)
     try:
-        manifest = export_checkpoint(args.checkpoint, args.out_dir, tuple(f for f in args.formats.split(",") if f))
+        manifest = export_checkpoint(args.checkpoint, args.out_dir, formats, num_heads=args.num_heads)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,14 @@ LATEST = "checkpoint.pth"
 NUMBERED = re.compile(r"checkpoint(\d{4})\.pth$")
 #: The manifest an export folder carries (files, sha256, config, how to load them).
 MANIFEST = "manifest.json"
+#: The files of an export folder by format, in the writer's order; readers prefer safetensors (no code runs).
+EXPORT_FILES: dict[str, str] = {
+    "torch": "backbone.pth",  # plain timm state dict
+    "safetensors": "backbone.safetensors",  # the same, as safetensors
+    "mm": "backbone_mm.pth",  # {'state_dict': {'backbone.*'}} for mmdet / mmseg
+    "dino": "teacher_backbone.pth",  # {'teacher': {'backbone.*'}} for DINO's eval scripts
+    "aggregation": "aggregation.safetensors",  # SelfPatch only: the teacher's aggregation module (image token)
+}
 
 
 def numbered_name(epoch: int) -> str:

@@ -1,19 +1,31 @@
-"""YAML presets in `configs/`, dotted `key=value` overrides, and one-line validation errors."""
+"""YAML presets in `configs/`, dotted `key=value` overrides, and one-line validation errors.
+
+The presets ship as package data: `trainer/presets_data` is a link to the top-level `configs/` folder (the
+single source of truth), so a wheel holds real copies under `trainer/presets_data/` and an editable install or a
+plain checkout reads `configs/` itself. They are found through `importlib.resources`, never relative to the
+source tree. The override parser and the validation helpers are generic over pydantic models, so the
+evaluator's benchmark configs parse `key=value` exactly as the run config does.
+"""
 
 from __future__ import annotations
 
 import copy
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.config import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Folder of the YAML presets inside the installed `trainer` package (package data).
+PRESETS_FOLDER = "presets_data"
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Yaml12ishLoader(yaml.SafeLoader):
@@ -41,18 +53,28 @@ class ConfigError(ValueError):
         self.field = field
 
 
+def preset_dir() -> Path:
+    """The installed presets (package data of `trainer`), as a folder on disk."""
+    folder = files("trainer") / PRESETS_FOLDER
+    if not isinstance(folder, Path) or not folder.is_dir():
+        raise ConfigError(f"the presets are not installed as files: {folder} (reinstall the package)")
+    return folder
+
+
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
-    """A preset name (`tiny_cpu`) or a path to a YAML file."""
+    """A preset name (`tiny_cpu`), a file in the presets (`sweeps/x.yaml`) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} and path.exists():
         return path
-    candidate = CONFIG_DIR / f"{path.name}.yaml" if path.suffix == "" else CONFIG_DIR / path.name
-    if candidate.exists():
-        return candidate
+    names = [str(path), path.name] if path.suffix else [f"{path}.yaml", f"{path.name}.yaml"]
+    for name in names:
+        candidate = preset_dir() / name
+        if candidate.is_file():
+            return candidate
     raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
 
 
@@ -81,6 +103,16 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (also through `X | None`), or None for a leaf value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
 def _known_keys(model: type[BaseModel], path: list[str]) -> None:
     """Refuse an override path that names no config field (typos must not pass silently)."""
     current: type[BaseModel] | None = model
@@ -91,20 +123,25 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> None:
             raise ConfigError(
                 f"unknown config key {dotted!r}" + (f"; expected one of: {choices}" if choices else ""), field=dotted
             )
-        annotation = current.model_fields[key].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        current = _section(current.model_fields[key].annotation)
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides; values are parsed as YAML (`crops.global_scale=[0.4,1.0]`)."""
-    out = copy.deepcopy(data)
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Iterable[str], model: type[BaseModel] = TrainConfig
+) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a plain dict, each key checked against `model`'s fields.
+
+    Values are YAML with only true/false as booleans (`crops.global_scale=[0.4,1.0]`; `x=off` stays 'off'),
+    an empty value is None. The one parser of the trainer, the evaluator and the service.
+    """
+    out = copy.deepcopy(dict(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         path = key.split(".")
-        _known_keys(TrainConfig, path)
+        _known_keys(model, path)
         try:
             value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -134,13 +171,24 @@ def format_validation_error(error: ValidationError) -> tuple[str, str | None]:
     return f"{message}{extra}", loc or None
 
 
-def validate_config(data: Mapping[str, Any]) -> TrainConfig:
-    """Validate a plain dict into a TrainConfig, raising ConfigError with a one-line reason."""
+def validate_model(model: type[M], data: Mapping[str, Any]) -> M:
+    """Validate a plain dict into `model`, raising ConfigError with a one-line reason and the field to blame."""
     try:
-        return TrainConfig.model_validate(dict(data))
+        return model.model_validate(dict(data))
     except ValidationError as exc:
         message, field = format_validation_error(exc)
         raise ConfigError(message, field=field) from exc
+
+
+def validate_config(data: Mapping[str, Any]) -> TrainConfig:
+    """Validate a plain dict into a TrainConfig, raising ConfigError with a one-line reason."""
+    return validate_model(TrainConfig, data)
+
+
+def override_model(config: M, overrides: Iterable[str]) -> M:
+    """A copy of a validated config with `key=value` overrides applied and validated again."""
+    model = type(config)
+    return validate_model(model, apply_overrides(config.model_dump(mode="json"), overrides, model))
 
 
 def load_config(preset: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:

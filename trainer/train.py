@@ -342,7 +342,8 @@ def _train(
         save("interrupt", iteration // iters_per_epoch)
         log.warning("stopped at iteration %d (%s); checkpoint %s", iteration, reason, latest)
     elif info.is_main and checkpoint_path is not None:
-        from trainer.export import MANIFEST, export_checkpoint
+        from trainer.export import export_checkpoint
+        from trainer.files import MANIFEST
 
         export_checkpoint(checkpoint_path, out_dir / "export")
         manifest_path = out_dir / "export" / MANIFEST

@@ -3,42 +3,29 @@ events, log tail, and the job-report endpoint that jobs call with their run toke
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api.deps import Admin, Reader, RunToken, SessionDep, StateDep
+from api.deps import Admin, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
-from orchestrator.db.models import Checkpoint, Event, Run
+from api.routes.jobs import add_job_routes, attempts_of
+from orchestrator.db.models import Checkpoint, Run
+from orchestrator.errors import InvalidInputError
+from orchestrator.jobs.kinds import job_spec
 from orchestrator.launchers.base import LauncherError
-from orchestrator.lifecycle import RunStatus
+from orchestrator.lifecycle import Status
 from orchestrator.mlflow_bridge import MlflowBridge
+from orchestrator.runs import get_run, list_runs, resolve_config, retry_run, submit_run
 from orchestrator.schemas import (
-    AttemptPublic,
     CheckpointPublic,
     DryRun,
-    EventPublic,
     Page,
     RunCreate,
     RunPublic,
-    RunReport,
-)
-from orchestrator.service import (
-    InvalidInputError,
-    NotFoundError,
-    apply_report,
-    get_run,
-    job_spec,
-    list_runs,
-    request_cancel,
-    resolve_config,
-    retry_run,
-    run_token_matches,
-    submit_run,
 )
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -54,7 +41,7 @@ def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
         experiment=run.experiment.name,
         name=run.name,
         method=run.method,
-        status=RunStatus(run.status),
+        status=Status(run.status),
         status_reason=run.status_reason,
         launcher=run.launcher,
         resources=run.resources,
@@ -71,7 +58,7 @@ def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
         updated_at=run.updated_at,
         started_at=run.started_at,
         ended_at=run.ended_at,
-        attempts=[AttemptPublic.model_validate(a, from_attributes=True) for a in run.attempts],
+        attempts=attempts_of(run),
     )
 
 
@@ -101,14 +88,12 @@ def submit(
     if dry_run:
         cfg = resolve_config(body)
         launcher_name = body.launcher or state.settings.default_launcher
-        preview = Run(
-            id=uuid.UUID(int=0),
-            name=body.name or cfg.default_run_name(),
-            resources=body.resources.model_dump(mode="json"),
-            output_dir=str(state.settings.runs_root / "<run-id>" / "train"),
+        resources = body.resources.model_dump(mode="json")
+        spec = job_spec(
+            str(uuid.UUID(int=0)), "train", state.settings.runs_root / "<run-id>", resources, 1, state.settings.python
         )
         try:
-            rendered = state.launchers.get(launcher_name).render(job_spec(preview, 1, state.settings.python))
+            rendered = state.launchers.get(launcher_name).render(spec)
         except LauncherError as exc:
             raise InvalidInputError(str(exc), field="launcher") from exc
         dry = DryRun(
@@ -122,8 +107,6 @@ def submit(
 
     def work(session: Any) -> tuple[int, dict[str, Any]]:
         run = submit_run(session, state.settings, body, principal.name)
-        session.flush()
-        session.refresh(run, ["attempts", "experiment"])
         return 202, _dump(run_public(run, state.mlflow))
 
     return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
@@ -136,7 +119,7 @@ def list_(
     _: Reader,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: str | None = None,
-    status: Annotated[list[RunStatus] | None, Query()] = None,
+    status: Annotated[list[Status] | None, Query()] = None,
     experiment: str | None = None,
 ) -> Page[RunPublic]:
     runs, token = list_runs(session, page_size=page_size, page_token=page_token, status=status, experiment=experiment)
@@ -146,19 +129,6 @@ def list_(
 @router.get("/{run_id}", response_model=RunPublic, summary="Show one run with its attempts")
 def show(run_id: str, session: SessionDep, state: StateDep, _: Reader) -> RunPublic:
     return run_public(get_run(session, run_id), state.mlflow)
-
-
-@router.post("/{run_id}/cancel", response_model=RunPublic, summary="Cancel a run (409 if it already ended)")
-def cancel(run_id: str, state: StateDep, principal: Admin) -> RunPublic:
-    with state.db.transaction() as session:
-        run = get_run(session, run_id, lock=True)
-        request_cancel(session, run, f"api:{principal.name}")
-        job = run.attempts[-1] if run.attempts else None
-        public = run_public(run, state.mlflow)
-    if job is not None and job.backend_job_id and job.state != "ended":
-        with contextlib.suppress(LauncherError):  # stop it now; the reconciler retries and closes the attempt
-            state.launchers.get(job.backend).cancel(job.backend_job_id)
-    return public
 
 
 @router.post(
@@ -172,16 +142,9 @@ def retry(
 ) -> JSONResponse:
     def work(session: Any) -> tuple[int, dict[str, Any]]:
         new = retry_run(session, state.settings, get_run(session, run_id, lock=True), f"api:{principal.name}")
-        session.flush()
-        session.refresh(new, ["attempts", "experiment"])
         return 202, _dump(run_public(new, state.mlflow))
 
     return idempotent_post(state, principal, request, idempotency_key, {"retry": run_id}, work)
-
-
-@router.get("/{run_id}/attempts", response_model=list[AttemptPublic], summary="Scheduler submissions of a run")
-def attempts(run_id: str, session: SessionDep, _: Reader) -> list[AttemptPublic]:
-    return [AttemptPublic.model_validate(a, from_attributes=True) for a in get_run(session, run_id).attempts]
 
 
 @router.get("/{run_id}/checkpoints", response_model=list[CheckpointPublic], summary="Checkpoints a run recorded")
@@ -191,66 +154,4 @@ def checkpoints(run_id: str, session: SessionDep, _: Reader) -> list[CheckpointP
     return [CheckpointPublic.model_validate(c, from_attributes=True) for c in rows]
 
 
-@router.get("/{run_id}/events", response_model=Page[EventPublic], summary="The run's append-only event log")
-def events(
-    run_id: str,
-    session: SessionDep,
-    _: Reader,
-    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
-    page_token: str | None = None,
-) -> Page[EventPublic]:
-    run = get_run(session, run_id)
-    query = select(Event).where(Event.run_id == run.id)
-    if page_token:
-        if not page_token.isdigit():
-            raise InvalidInputError("page_token is not a token this service issued", field="page_token")
-        query = query.where(Event.id > int(page_token))
-    rows = list(session.scalars(query.order_by(Event.id).limit(page_size + 1)))
-    more = len(rows) > page_size
-    rows = rows[:page_size]
-    return Page[EventPublic](
-        items=[EventPublic.model_validate(e, from_attributes=True) for e in rows],
-        next_page_token=str(rows[-1].id) if more and rows else None,
-    )
-
-
-@router.get("/{run_id}/logs", response_class=PlainTextResponse, summary="Tail of the latest attempt's log")
-def logs(
-    run_id: str,
-    session: SessionDep,
-    state: StateDep,
-    _: Reader,
-    tail: Annotated[int, Query(ge=1, le=10_000)] = 200,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
-) -> str:
-    run = get_run(session, run_id)
-    chosen = [a for a in run.attempts if attempt is None or a.number == attempt]
-    if not chosen:
-        raise NotFoundError(f"run {run_id} has no attempt {attempt}" if attempt else f"run {run_id} has not started")
-    job = chosen[-1]
-    if not job.backend_job_id:
-        return ""
-    return state.launchers.get(job.backend).logs(job.backend_job_id, tail)
-
-
-@router.post(
-    "/{run_id}/reports",
-    status_code=204,
-    summary="Progress report from a job (authenticated with the run's own token)",
-    include_in_schema=True,
-)
-def report(run_id: str, body: RunReport, state: StateDep, token: RunToken) -> None:
-    try:
-        ident = uuid.UUID(run_id)
-    except ValueError as exc:
-        raise NotFoundError(f"no run {run_id!r}") from exc
-    if not run_token_matches(state.settings.secret, ident, token):
-        from fastapi import HTTPException
-
-        raise HTTPException(401, "not this run's token", headers={"WWW-Authenticate": "Bearer"})
-    with state.db.transaction() as session:
-        run = get_run(session, ident, lock=True)
-        if RunStatus(run.status).terminal and body.kind != "checkpoint":
-            return None  # a late report of a cancelled run changes nothing
-        apply_report(session, state.settings, run, body)
-    return None
+add_job_routes(router, Run, "run", lambda run, state: run_public(run, state.mlflow), RunPublic)

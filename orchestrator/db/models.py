@@ -1,4 +1,4 @@
-"""The SQL records: experiments, runs, attempts, checkpoints, the append-only event log, idempotency keys.
+"""The SQL records: experiments, jobs (runs, evaluations), attempts, checkpoints, events, idempotency keys.
 
 The database is the source of truth; schedulers and MLflow are reconciled against it.
 """
@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -60,7 +62,7 @@ class Experiment(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    # which benchmarks run on which checkpoints (evaluation issue); opaque to the run lifecycle
+    # which benchmarks run on which checkpoints; opaque to the job lifecycle
     eval_policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -68,27 +70,31 @@ class Experiment(Base):
     runs: Mapped[list[Run]] = relationship(back_populates="experiment")
 
 
-class Run(Base):
-    __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_created", "created_at", "id"), Index("ix_runs_status", "status"))
+class Job(Base):
+    """What the reconciler drives, whatever its kind: lifecycle status, launcher, attempts, heartbeat.
+
+    Each kind adds its own table joined on the id (a pretraining `Run`, an `Evaluation`), so one query
+    finds every active job and one code path launches, follows and settles them all.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__: tuple[Any, ...] = (
+        Index("ix_jobs_kind_created", "kind", "created_at", "id"),
+        Index("ix_jobs_status", "status"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    experiment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("experiments.id"))
-    name: Mapped[str] = mapped_column(String(200))
-    method: Mapped[str] = mapped_column(String(32))
-    config: Mapped[dict[str, Any]] = mapped_column()
-    config_hash: Mapped[str] = mapped_column(String(64), index=True)
-    launcher: Mapped[str] = mapped_column(String(32))
-    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     status_reason: Mapped[str | None] = mapped_column(Text)
+    launcher: Mapped[str] = mapped_column(String(32))
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
     requeues: Mapped[int] = mapped_column(Integer, default=0)
-    retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id"))
-    sweep_id: Mapped[uuid.UUID | None] = mapped_column()  # sweeps arrive with a later milestone
-    output_dir: Mapped[str] = mapped_column(Text)
-    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    #: the job's own folder: job.json, result-<attempt>.json, logs/
+    folder: Mapped[str] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
-    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: the terminal status has been mirrored to MLflow (MLflow is the view, SQL the truth)
+    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -96,28 +102,51 @@ class Run(Base):
     ended_at: Mapped[datetime | None] = mapped_column()
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
 
-    experiment: Mapped[Experiment] = relationship(back_populates="runs")
     attempts: Mapped[list[Attempt]] = relationship(
-        back_populates="run", order_by="Attempt.number", cascade="all, delete-orphan"
+        back_populates="job", order_by="Attempt.number", cascade="all, delete-orphan"
     )
+
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True}  # noqa: RUF012 (read once by the mapper)
+
+
+class Run(Job):
+    """A pretraining run."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_experiment", "experiment_id"),)
+    __mapper_args__ = {"polymorphic_identity": "train", "polymorphic_load": "inline"}  # noqa: RUF012 (read once by the mapper)
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    experiment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("experiments.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict[str, Any]] = mapped_column()
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id"))
+    sweep_id: Mapped[uuid.UUID | None] = mapped_column()  # sweeps arrive with a later milestone
+    output_dir: Mapped[str] = mapped_column(Text)
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="runs")
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="run", order_by="Checkpoint.step", cascade="all, delete-orphan"
     )
 
 
 class Attempt(Base):
-    """One submission to a scheduler; a requeue or retry of the same run is a new attempt."""
+    """One submission of a job to a scheduler; a requeue or retry is a new attempt."""
 
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("run_id", "number"),)
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id"), index=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     backend: Mapped[str] = mapped_column(String(32))
     backend_job_id: Mapped[str | None] = mapped_column(String(128))
     host: Mapped[str | None] = mapped_column(String(255))
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, running, ended
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # submitting, pending, running, ended
     submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
@@ -127,7 +156,7 @@ class Attempt(Base):
     accelerator_seconds: Mapped[float | None] = mapped_column(Float)
     log_path: Mapped[str | None] = mapped_column(Text)
 
-    run: Mapped[Run] = relationship(back_populates="attempts")
+    job: Mapped[Job] = relationship(back_populates="attempts")
 
 
 class Checkpoint(Base):
@@ -148,13 +177,13 @@ class Checkpoint(Base):
 
 
 class Event(Base):
-    """Append-only log of everything that happened to a run: transitions, attempts, checkpoints."""
+    """Append-only log of everything that happened to a job: transitions, attempts, checkpoints."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_run", "run_id", "id"),)
+    __table_args__ = (Index("ix_events_job", "job_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     from_status: Mapped[str | None] = mapped_column(String(16))
@@ -164,15 +193,27 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-class Evaluation(Base):
-    """One benchmark on one checkpoint. `dedup_key` (checkpoint sha256, benchmark, version, config hash,
-    dataset) is unique: the same evaluation is never computed twice, whoever asks for it."""
+class Evaluation(Job):
+    """One benchmark on one checkpoint. Among evaluations that did not fail or get cancelled, `dedup_key`
+    (checkpoint sha256, benchmark, version, config hash, dataset) is unique: the same evaluation is never
+    computed twice, whoever asks for it, while a failed one can be asked for (or retried) again."""
 
     __tablename__ = "evaluations"
-    __table_args__ = (Index("ix_evaluations_created", "created_at", "id"), Index("ix_evaluations_status", "status"))
+    __table_args__ = (
+        Index(
+            "ux_evaluations_live_key",
+            "dedup_key",
+            unique=True,
+            sqlite_where=text("live"),
+            postgresql_where=text("live"),
+        ),
+    )
+    __mapper_args__ = {"polymorphic_identity": "evaluate", "polymorphic_load": "inline"}  # noqa: RUF012 (read once by the mapper)
 
-    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    dedup_key: Mapped[str] = mapped_column(String(64), unique=True)
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    dedup_key: Mapped[str] = mapped_column(String(64))
+    #: true until the evaluation fails or is cancelled (then its key is free again)
+    live: Mapped[bool] = mapped_column(Boolean, default=True)
     run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id"), index=True)
     checkpoint_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("checkpoints.id"), index=True)
     checkpoint_sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -182,22 +223,14 @@ class Evaluation(Base):
     config: Mapped[dict[str, Any]] = mapped_column()
     config_hash: Mapped[str] = mapped_column(String(64))
     dataset: Mapped[str] = mapped_column(Text)
-    trigger: Mapped[str] = mapped_column(String(32))  # policy:every_n, policy:final, manual
-    status: Mapped[str] = mapped_column(String(16))  # queued, submitted, running, succeeded, failed, cancelled
-    launcher: Mapped[str] = mapped_column(String(32))
-    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    trigger: Mapped[str] = mapped_column(String(32))  # policy:every_n, policy:final, manual, retry
     max_attempts: Mapped[int] = mapped_column(Integer, default=2)
-    backend_job_id: Mapped[str | None] = mapped_column(String(128))
+    retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("evaluations.id"))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    error: Mapped[str | None] = mapped_column(Text)
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column()
-    ended_at: Mapped[datetime | None] = mapped_column()
     seconds: Mapped[float | None] = mapped_column(Float)
 
     checkpoint: Mapped[Checkpoint] = relationship()
+    run: Mapped[Run] = relationship(foreign_keys=[run_id])
 
 
 class IdempotencyRecord(Base):

@@ -1,19 +1,47 @@
-"""Launchers: one module per backend behind the interface in `base.py`."""
+"""Launchers: one module per backend behind the interface in `base.py`, named in one table."""
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, Launcher, LauncherError, Resources
 from orchestrator.settings import Settings
 
-__all__ = ["JobSpec", "JobState", "JobStatus", "Launcher", "LauncherError", "Launchers", "Resources"]
+__all__ = [
+    "LAUNCHERS",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "Launcher",
+    "LauncherError",
+    "LauncherName",
+    "Launchers",
+    "Resources",
+]
+
+#: name -> "module:factory" of a function (settings, queue) -> Launcher; imported on first use (SLURM and Ray
+#: import heavy clients).
+LAUNCHERS: dict[str, str] = {
+    "local": "orchestrator.launchers.local:from_settings",
+    "slurm": "orchestrator.launchers.slurm:from_settings",
+    "ray": "orchestrator.launchers.ray:from_settings",
+    "dryrun": "orchestrator.launchers.dryrun:from_settings",
+}
+if TYPE_CHECKING:
+    LauncherName = str
+else:
+    LauncherName = Literal[tuple(LAUNCHERS)]
 
 
 class Launchers:
-    """The launchers a service uses, created on first use (SLURM and Ray import heavy clients)."""
+    """The launchers a service uses, made on first use; `fixed` replaces some (tests, benchmarks)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, fixed: dict[str, Launcher] | None = None) -> None:
         self.settings = settings
         self._made: dict[str, Launcher] = {}
+        self._fixed = dict(fixed or {})
 
     def close(self) -> None:
         """Release what launchers started for this service (the local Ray cluster)."""
@@ -25,29 +53,13 @@ class Launchers:
 
     def get(self, name: str, queue: str = "train") -> Launcher:
         """The launcher `name` for a queue: evaluations (queue 'eval') have their own local job slots."""
+        if name in self._fixed:
+            return self._fixed[name]
+        if name not in LAUNCHERS:
+            raise LauncherError(f"unknown launcher {name!r}; choose from {', '.join(LAUNCHERS)}")
         key = f"{name}:{queue}" if name == "local" else name
         if key not in self._made:
-            self._made[key] = self._make(name, queue)
+            module_name, _, factory_name = LAUNCHERS[name].partition(":")
+            factory: Callable[[Settings, str], Launcher] = getattr(importlib.import_module(module_name), factory_name)
+            self._made[key] = factory(self.settings, queue)
         return self._made[key]
-
-    def _make(self, name: str, queue: str = "train") -> Launcher:
-        settings = self.settings
-        if name == "local":
-            from orchestrator.launchers.local import LocalLauncher
-
-            if queue == "eval":
-                return LocalLauncher(settings.home.resolve() / "local-eval-jobs", settings.local_eval_max_concurrent)
-            return LocalLauncher(settings.home.resolve() / "local-jobs", settings.local_max_concurrent)
-        if name == "dryrun":
-            from orchestrator.launchers.dryrun import DryRunLauncher
-
-            return DryRunLauncher()
-        if name == "slurm":
-            from orchestrator.launchers.slurm import SlurmLauncher
-
-            return SlurmLauncher(settings.home.resolve() / "slurm", default_partition=settings.slurm_partition)
-        if name == "ray":
-            from orchestrator.launchers.ray import RayLauncher
-
-            return RayLauncher(settings.ray_address, settings.home.resolve() / "ray")
-        raise LauncherError(f"unknown launcher {name!r}; choose local, slurm, ray or dryrun")

@@ -94,13 +94,13 @@ class Resources(BaseModel):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One attempt of one run, as a command any backend can start."""
+    """One attempt of one job, as a command any backend can start."""
 
-    run_id: str
+    job_id: str
     attempt: int
     name: str
-    argv: list[str]  # e.g. [python, -m, orchestrator.worker, RUN_DIR, --attempt, N]
-    workdir: Path  # the run folder (shared with the job)
+    argv: list[str]  # e.g. [python, -m, orchestrator.jobs, JOB_FOLDER, --attempt, N]
+    workdir: Path  # the job's folder (shared with the job)
     resources: Resources
     env: dict[str, str] = field(default_factory=dict)
 
@@ -110,8 +110,8 @@ class JobSpec:
 
     @property
     def key(self) -> str:
-        """Unique per (run, attempt): launchers use it to make `submit` idempotent."""
-        return f"orch-{self.run_id}-a{self.attempt}"
+        """Unique per (job, attempt): launchers use it to make `submit` idempotent."""
+        return f"orch-{self.job_id}-a{self.attempt}"
 
 
 class LauncherError(RuntimeError):

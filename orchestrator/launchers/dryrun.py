@@ -1,10 +1,17 @@
-"""Dry-run launcher: accepts every job and starts none (API load tests, rehearsing a submission)."""
+"""Dry-run launcher: accepts every job and starts none (rehearsing a submission end to end).
+
+Its jobs end at once as cancelled ("nothing was started"), so a dry-run job and its MLflow run reach a
+terminal state instead of waiting for a process that will never run.
+"""
 
 from __future__ import annotations
 
 import shlex
 
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus
+from orchestrator.settings import Settings
+
+NOTHING_STARTED = JobStatus(JobState.CANCELLED, reason="dry-run launcher: nothing was started")
 
 
 class DryRunLauncher:
@@ -17,11 +24,10 @@ class DryRunLauncher:
         return f"dryrun-{spec.key}"
 
     def poll(self, job_id: str) -> JobStatus:
-        return JobStatus(JobState.PENDING, reason="dry run: never starts")
+        return NOTHING_STARTED
 
     def poll_many(self, job_ids: list[str]) -> dict[str, JobStatus]:
-        status = JobStatus(JobState.PENDING, reason="dry run: never starts")
-        return dict.fromkeys(job_ids, status)
+        return dict.fromkeys(job_ids, NOTHING_STARTED)
 
     def cancel(self, job_id: str) -> None:
         pass
@@ -31,3 +37,7 @@ class DryRunLauncher:
 
     def capacity(self) -> int | None:
         return None
+
+
+def from_settings(settings: Settings, queue: str) -> DryRunLauncher:
+    return DryRunLauncher()

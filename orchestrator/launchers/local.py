@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.jobs.files import EXIT_INTERRUPTED
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError
-from trainer.files import atomic_write
-
-EXIT_INTERRUPTED = 75
+from orchestrator.settings import Settings
+from trainer.files import atomic_write_text
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -102,7 +102,7 @@ class LocalLauncher:
             "exit_file": str(self.state_dir / f"{job_id}.exit"),
             "started_at": datetime.now(UTC).isoformat(),
         }
-        atomic_write(self._meta_path(job_id), lambda tmp: tmp.write_text(json.dumps(meta)))
+        atomic_write_text(self._meta_path(job_id), json.dumps(meta))
         return job_id
 
     def poll(self, job_id: str) -> JobStatus:
@@ -163,3 +163,10 @@ class LocalLauncher:
 
     def capacity(self) -> int | None:
         return max(self.max_concurrent - self.running(), 0)
+
+
+def from_settings(settings: Settings, queue: str) -> LocalLauncher:
+    """Training and evaluation jobs get their own job slots (and state folders)."""
+    if queue == "eval":
+        return LocalLauncher(settings.home.resolve() / "local-eval-jobs", settings.local_eval_max_concurrent)
+    return LocalLauncher(settings.home.resolve() / "local-jobs", settings.local_max_concurrent)

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from orchestrator.jobs.files import EXIT_INTERRUPTED, read_result
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError
+from orchestrator.settings import Settings
+from trainer.files import atomic_write_text
 
-EXIT_INTERRUPTED = 75
 CLUSTER_FILE = "local-cluster.json"
 _PORT_OPTIONS = (
     "--port",
@@ -205,10 +207,8 @@ class RayLauncher:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        from trainer.files import atomic_write
-
         record = {"pid": proc.pid, "ticks": _start_ticks(proc.pid), "dashboard": dashboard, "temp_dir": temp_dir}
-        atomic_write(self.state_dir / CLUSTER_FILE, lambda tmp: tmp.write_text(json.dumps(record)))
+        atomic_write_text(self.state_dir / CLUSTER_FILE, json.dumps(record))
         deadline = time.monotonic() + self.start_timeout_s
         while not _answers(dashboard):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -282,11 +282,11 @@ class RayLauncher:
         submission: dict[str, Any] = {
             "submission_id": spec.key,
             "entrypoint": f"cd {shlex.quote(str(spec.workdir))} && exec {shlex.join(argv)}",
-            "runtime_env": {"env_vars": {**spec.env, "ORCH_RUN_ID": spec.run_id, "ORCH_JOB_ID": spec.key}},
+            "runtime_env": {"env_vars": {**spec.env, "ORCH_RUN_ID": spec.job_id, "ORCH_JOB_ID": spec.key}},
             "entrypoint_num_cpus": res.cpus_per_task * res.tasks_per_node,
             "entrypoint_memory": int(res.mem_gb * 2**30),
             "metadata": {
-                "orch_run_id": spec.run_id,
+                "orch_run_id": spec.job_id,
                 "orch_attempt": str(spec.attempt),
                 "orch_run_dir": str(spec.workdir),
             },
@@ -346,13 +346,11 @@ class RayLauncher:
     @staticmethod
     def _interrupted(metadata: dict[str, str]) -> bool:
         """Without an exit code (driver killed, torchrun's own code), the worker's result file decides."""
-        from orchestrator.worker import result_path
-
         try:
-            run_dir, attempt = Path(metadata["orch_run_dir"]), int(metadata["orch_attempt"])
-            return bool(json.loads(result_path(run_dir, attempt).read_text()).get("status") == "interrupted")
-        except (KeyError, ValueError, OSError):
+            result = read_result(Path(metadata["orch_run_dir"]), int(metadata["orch_attempt"]))
+        except (KeyError, ValueError):
             return False
+        return result is not None and result.get("status") == "interrupted"
 
     def poll(self, job_id: str) -> JobStatus:
         return self.poll_many([job_id])[job_id]
@@ -400,3 +398,7 @@ class RayLauncher:
 
     def capacity(self) -> int | None:
         return None
+
+
+def from_settings(settings: Settings, queue: str) -> RayLauncher:
+    return RayLauncher(settings.ray_address, settings.home.resolve() / "ray")

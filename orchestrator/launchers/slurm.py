@@ -36,9 +36,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from orchestrator.jobs.files import EXIT_INTERRUPTED
 from orchestrator.launchers.base import SLURM_EXTRA_WHITELIST, JobSpec, JobState, JobStatus, LauncherError
+from orchestrator.settings import Settings
+from trainer.files import atomic_write_text
 
-EXIT_INTERRUPTED = 75
 DEFAULT_SIGNAL, DEFAULT_SIGNAL_DELAY_S = "USR2", 90
 _SIGNAL_RE = re.compile(r"^(?:R:)?(?:SIG)?(USR1|USR2)(?:@(\d{1,5}))?$")
 #: How far back `submit` looks in accounting for a job with the same key.
@@ -290,7 +292,7 @@ class SlurmLauncher:
 
     def task(self, spec: JobSpec) -> SlurmWorkerTask:
         sig, _ = parse_signal(spec.resources.extra)
-        env = {**spec.env, "ORCH_RUN_ID": spec.run_id}
+        env = {**spec.env, "ORCH_RUN_ID": spec.job_id}
         return SlurmWorkerTask(spec.argv, str(spec.workdir), env, sig)
 
     def _executor(self, spec: JobSpec, render_only: bool) -> Any:
@@ -365,16 +367,10 @@ class SlurmLauncher:
         return job_id
 
     def _remember(self, spec: JobSpec, job_id: str) -> None:
-        from trainer.files import atomic_write
-
         folder = str(self.folder(spec)).replace("%j", job_id)
-        record = {"key": spec.key, "job_id": job_id, "folder": folder, "run_id": spec.run_id, "attempt": spec.attempt}
-        for path, text in (
-            (self.state_dir / "jobs" / f"{job_id}.json", json.dumps(record)),
-            (self.state_dir / "keys" / spec.key, job_id),
-        ):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
+        record = {"key": spec.key, "job_id": job_id, "folder": folder, "run_id": spec.job_id, "attempt": spec.attempt}
+        atomic_write_text(self.state_dir / "jobs" / f"{job_id}.json", json.dumps(record))
+        atomic_write_text(self.state_dir / "keys" / spec.key, job_id)
 
     # ------------------------------------------------------------------ following
 
@@ -472,3 +468,8 @@ def _render_executor_class() -> Any:
             return 2
 
     return RenderExecutor
+
+
+def from_settings(settings: Settings, queue: str) -> SlurmLauncher:
+    """One launcher for both queues: evaluations pick their partition/QoS through their resources."""
+    return SlurmLauncher(settings.home.resolve() / "slurm", default_partition=settings.slurm_partition)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from trainer.files import atomic_write
+from trainer.files import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, forward)
     code = child.wait()
     record = {"exit_code": code, "ended_at": time.time()}
-    atomic_write(args.exit_file, lambda tmp: tmp.write_text(json.dumps(record)))
+    atomic_write_text(args.exit_file, json.dumps(record))
     return code if code >= 0 else 128 - code
 
 

@@ -9,7 +9,7 @@ checkpoints map one to one.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from timm.layers.weight_init import trunc_normal_
 from torch import nn
 
 from trainer.models.heads import init_linear
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 @lru_cache(maxsize=64)
@@ -158,6 +161,13 @@ class AggregationHead(nn.Module):
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_linear)
         self._tables: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> AggregationHead:
+        """The module a run's config describes (width and heads of its backbone, cfg.selfpatch): built only here."""
+        width, _, heads = cfg.model.dims
+        sp = cfg.selfpatch
+        return cls(width, heads, k=sp.k, window=sp.window, border=sp.border, num_blocks=sp.num_blocks)
 
     @property
     def blocks(self) -> list[ClassAttentionBlock]:

@@ -17,13 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from trainer.config import Method, ModelConfig
 
-#: timm registry names of the standard models whose defaults we start from.
-TIMM_NAMES = {
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-}
-
 
 def interpolate_pos_embed_dino(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """DINO's resize of a square (1, n*n, C) positional grid to `grid`: bicubic, scale factor with +0.1 offset.
@@ -78,7 +71,7 @@ class MultiCropViT(VisionTransformer):
 
 
 def timm_kwargs(cfg: ModelConfig, method: Method, img_size: int) -> dict[str, Any]:
-    """Keyword arguments that rebuild the backbone with `timm.create_model(TIMM_NAMES[arch], **kwargs)`."""
+    """Keyword arguments that rebuild the backbone with `timm.create_model(ARCHS[arch].timm_name, **kwargs)`."""
     width, depth, heads = cfg.dims
     kwargs: dict[str, Any] = {
         "num_classes": 0,

@@ -75,7 +75,7 @@ def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel | SelfPatchMode
     backbone = build_backbone(
         cfg.model, cfg.method, cfg.img_size, drop_path_rate=cfg.model.drop_path_rate if student else 0.0
     )
-    width, _, heads = cfg.model.dims
+    width = cfg.model.dims[0]
     h = cfg.head
 
     def head(out_dim: int) -> DINOHead:
@@ -90,6 +90,4 @@ def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel | SelfPatchMode
 
     if cfg.method == "dino":
         return DINOModel(backbone, head(h.out_dim))
-    sp = cfg.selfpatch
-    ca_head = AggregationHead(width, heads, k=sp.k, window=sp.window, border=sp.border, num_blocks=sp.num_blocks)
-    return SelfPatchModel(backbone, ca_head, head(h.out_dim), head(sp.out_dim))
+    return SelfPatchModel(backbone, AggregationHead.from_config(cfg), head(h.out_dim), head(cfg.selfpatch.out_dim))

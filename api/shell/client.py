@@ -8,13 +8,15 @@ from typing import Any
 
 import httpx
 
+from orchestrator.settings import default_home
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class ApiError(RuntimeError):
     """A problem+json reply, reduced to one line."""
 
-    def __init__(self, status: int, body: dict[str, Any] | str) -> None:
+    def __init__(self, status: int, body: dict[str, Any] | str, hint: str = "") -> None:
         self.status, self.body = status, body
         if isinstance(body, dict):
             detail = body.get("detail") or body.get("title") or "error"
@@ -22,19 +24,30 @@ class ApiError(RuntimeError):
             field = f" [field: {fields[0]}]" if fields and fields[0] not in str(detail) else ""
             message = f"HTTP {status}: {detail}{field}"
         else:
-            message = f"HTTP {status}: {body[:200]}"
-        super().__init__(message)
+            message = body[:300] if status == 0 else f"HTTP {status}: {body[:200]}"
+        super().__init__(f"{message} ({hint})" if hint else message)
 
 
-def default_token(home: Path | None = None) -> str | None:
-    if os.environ.get("ORCH_TOKEN"):
-        return os.environ["ORCH_TOKEN"]
-    path = (home or Path(os.environ.get("ORCH_HOME", ".orchestrator"))) / "admin.token"
-    return path.read_text().strip() if path.exists() else None
+def find_token(explicit: str | None = None) -> tuple[str | None, str]:
+    """The token to send and where it came from: --token or $ORCH_TOKEN, then $ORCH_HOME/admin.token, then
+    the default home's admin.token (which `orchestrator serve` writes when no tokens are configured)."""
+    if explicit:
+        return explicit, "--token / $ORCH_TOKEN"
+    tried = ["$ORCH_TOKEN (unset)"]
+    homes = [Path(os.environ["ORCH_HOME"])] if os.environ.get("ORCH_HOME") else []
+    for home in [*homes, default_home()]:
+        path = home / "admin.token"
+        if path.is_file():
+            return path.read_text().strip(), str(path)
+        tried.append(f"{path} (missing)")
+    return None, "no token found; tried " + ", ".join(tried)
 
 
 class Client:
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0, token_source: str = ""
+    ) -> None:
+        self.token_source = token_source  # said in a 401, so a user sees which token was refused or missing
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
@@ -51,13 +64,18 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ApiError(0, f"cannot reach {self.http.base_url}: {exc}") from exc
+            raise ApiError(
+                0,
+                f"cannot reach the service at {self.http.base_url} ({exc}); start it with `orchestrator serve` "
+                "or point --url / $ORCH_URL at it",
+            ) from exc
         if response.status_code >= 400:
             try:
                 body: dict[str, Any] | str = response.json()
             except ValueError:
                 body = response.text
-            raise ApiError(response.status_code, body)
+            hint = f"token: {self.token_source}" if response.status_code == 401 and self.token_source else ""
+            raise ApiError(response.status_code, body, hint)
         if response.status_code == 204 or not response.content:
             return None
         if response.headers.get("content-type", "").startswith("application/json"):
@@ -101,6 +119,15 @@ class Client:
 
     def compare(self, checkpoint_ids: list[str]) -> Any:
         return self.request("GET", "/api/v1/evaluations/compare", params={"checkpoint": checkpoint_ids})
+
+    def run_evaluations(self, run_id: str) -> Any:
+        return self.request("GET", f"/api/v1/runs/{run_id}/evaluations")
+
+    def retry_evaluation(self, evaluation_id: str) -> Any:
+        return self.request("POST", f"/api/v1/evaluations/{evaluation_id}/retry")
+
+    def cancel_evaluation(self, evaluation_id: str) -> Any:
+        return self.request("POST", f"/api/v1/evaluations/{evaluation_id}/cancel")
 
     def evaluate(self, checkpoint_id: str, body: dict[str, Any]) -> Any:
         return self.request("POST", f"/api/v1/checkpoints/{checkpoint_id}/evaluations", json=body)

@@ -33,7 +33,7 @@ class EmbeddedService:
         import uvicorn
 
         from api.main import create_app
-        from orchestrator.client import Client
+        from api.shell.client import Client
 
         app = create_app(self.settings, run_reconciler=self.reconciler)
         server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))

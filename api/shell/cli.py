@@ -1,7 +1,8 @@
 """The `orchestrator` command line: serve the service, submit and follow runs, export checkpoints.
 
-Every command that reads state talks to the REST API (`--url`, `$ORCH_URL`) with a token (`--token`,
-`$ORCH_TOKEN`, or the admin token the embedded service wrote to `.orchestrator/admin.token`).
+Every command that reads state talks to the REST API (`--url`, `$ORCH_URL`) with a token: `--token` or
+`$ORCH_TOKEN`, else the admin token a service with no configured tokens writes to `$ORCH_HOME/admin.token`,
+else `~/.orchestrator/admin.token`.
 `--output json` prints machine-readable JSON; a failure prints one line and exits non-zero.
 """
 
@@ -18,7 +19,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from orchestrator.client import DEFAULT_URL, ApiError, Client, default_token
+from api.shell.client import DEFAULT_URL, ApiError, Client, find_token
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -30,7 +31,9 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="List, show, follow, cancel and retry runs.", no_args_is_help=True)
 ckpt_app = typer.Typer(help="Checkpoint tools.", no_args_is_help=True)
-evals_app = typer.Typer(help="Evaluations of checkpoints: list, show, compare, run.", no_args_is_help=True)
+evals_app = typer.Typer(
+    help="Evaluations of checkpoints: list, show, compare, run, retry, cancel.", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(evals_app, name="evals")
@@ -47,7 +50,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def client(url: str, token: str | None) -> Client:
-    return Client(url, token or default_token())
+    found, source = find_token(token)
+    return Client(url, found, token_source=source)
 
 
 def call(url: str, token: str | None, action: Callable[[Client], T]) -> T:
@@ -196,7 +200,8 @@ def submit(
 
 
 def follow_run(api: Client, run_id: str, quiet: bool = False, poll_s: float = 2.0) -> dict[str, Any]:
-    """Rich progress until the run is terminal; returns the final run."""
+    """A live progress line until the run is terminal, then until the evaluations it triggered are; returns
+    the final run with its `evaluations`."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -204,45 +209,64 @@ def follow_run(api: Client, run_id: str, quiet: bool = False, poll_s: float = 2.
     with Progress(
         TextColumn("[bold]{task.fields[status]:<10}"),
         BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total}"),
+        TextColumn("{task.fields[steps]:>13}"),
         TextColumn("{task.fields[loss]}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("run", total=None, status="queued", loss="")
+        task = progress.add_task("run", total=None, status="queued", steps="waiting", loss="")
         while True:
-            try:
-                run = api.run(run_id)
-            except ApiError as exc:
-                if exc.status == 0:  # service restarting: keep following
-                    time.sleep(poll_s)
-                    continue
-                raise
+            run = _poll(lambda: api.run(run_id), poll_s)
             info = run.get("progress") or {}
+            total, done = info.get("total_iterations"), info.get("iteration") or 0
             metrics = info.get("metrics") or {}
-            loss = f"loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else ""
             progress.update(
                 task,
-                total=info.get("total_iterations"),
-                completed=info.get("iteration") or 0,
+                total=total,
+                completed=done,
                 status=run["status"],
-                loss=loss,
+                steps=f"{done}/{total} steps" if total else "waiting",
+                loss=f"loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else "",
             )
             if run["status"] in TERMINAL:
                 break
             time.sleep(poll_s)
+        evaluations = _follow_evaluations(api, run_id, progress, poll_s) if run["status"] == "succeeded" else []
     if not quiet:
-        checkpoints = api.checkpoints(run_id)
         console.print(f"{run['status']}: {run.get('status_reason') or ''}")
-        for c in checkpoints:
-            console.print(f"  checkpoint epoch {c['epoch']:>3} step {c['step']:>6}  {c['path']}  {c['sha256'][:12]}")
+        for c in api.checkpoints(run_id):
+            console.print(f"  checkpoint {c['id']}  epoch {c['epoch']:>3} step {c['step']:>6}  {c['path']}")
+        for e in evaluations:
+            console.print(f"  evaluation {eval_line(e)}")
         if run.get("mlflow_url"):
             console.print(f"  MLflow: {run['mlflow_url']}")
         elif run.get("mlflow_run_id"):
             console.print(f"  MLflow run id: {run['mlflow_run_id']}")
-    result: dict[str, Any] = run
-    return result
+    return {**run, "evaluations": evaluations}
+
+
+def _poll(read: Callable[[], T], poll_s: float) -> T:
+    """Read through a service restart: an unreachable service is retried, any other error is raised."""
+    while True:
+        try:
+            return read()
+        except ApiError as exc:
+            if exc.status != 0:
+                raise
+            time.sleep(poll_s)
+
+
+def _follow_evaluations(api: Client, run_id: str, progress: Any, poll_s: float) -> list[dict[str, Any]]:
+    """The evaluations the run's checkpoints triggered, followed until every one has ended."""
+    task = progress.add_task("evaluations", total=None, status="evals", steps="", loss="")
+    while True:
+        evaluations: list[dict[str, Any]] = _poll(lambda: api.run_evaluations(run_id), poll_s)
+        ended = sum(e["status"] in TERMINAL for e in evaluations)
+        progress.update(task, total=len(evaluations) or None, completed=ended, steps=f"{ended}/{len(evaluations)} done")
+        if ended == len(evaluations):
+            return evaluations
+        time.sleep(poll_s)
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -265,14 +289,23 @@ def runs_list(
 @runs_app.command("show")
 def runs_show(run_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
     """One run with its attempts and checkpoints."""
-    run = call(url, token, lambda api: {**api.run(run_id), "checkpoints": api.checkpoints(run_id)})
+    run = call(
+        url,
+        token,
+        lambda api: {
+            **api.run(run_id),
+            "checkpoints": api.checkpoints(run_id),
+            "evaluations": api.run_evaluations(run_id),
+        },
+    )
     lines = [run_line(run), f"  reason: {run.get('status_reason')}", f"  config hash: {run['config_hash']}"]
     lines += [
         f"  attempt {a['number']}: {a['backend']} job {a['backend_job_id']} {a['state']} "
         f"host={a['host']} exit={a['exit_code']} {a['exit_reason'] or ''}"
         for a in run["attempts"]
     ]
-    lines += [f"  checkpoint epoch {c['epoch']} step {c['step']} {c['path']}" for c in run["checkpoints"]]
+    lines += [f"  checkpoint {c['id']}  epoch {c['epoch']} step {c['step']} {c['path']}" for c in run["checkpoints"]]
+    lines += [f"  evaluation {eval_line(e)}" for e in run["evaluations"]]
     if run.get("mlflow_url") or run.get("mlflow_run_id"):
         lines.append(f"  MLflow: {run.get('mlflow_url') or run['mlflow_run_id']}")
     emit(run, output, "\n".join(lines))
@@ -425,6 +458,20 @@ def evals_run(
     emit(evaluation, output, eval_line(evaluation))
 
 
+@evals_app.command("retry")
+def evals_retry(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Evaluate again after a failure or a cancel: a new evaluation linked to the old one."""
+    evaluation = call(url, token, lambda api: api.retry_evaluation(evaluation_id))
+    emit(evaluation, output, eval_line(evaluation))
+
+
+@evals_app.command("cancel")
+def evals_cancel(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Cancel an evaluation (its job is stopped)."""
+    evaluation = call(url, token, lambda api: api.cancel_evaluation(evaluation_id))
+    emit(evaluation, output, eval_line(evaluation))
+
+
 # ------------------------------------------------------------------------------------------- demo
 
 
@@ -436,11 +483,16 @@ def demo(
 ) -> None:
     """The whole loop on the embedded default: start the service (SQLite, local launcher, local MLflow),
     submit a run over REST, follow it to the end, print its checkpoints and MLflow link, stop."""
-    from orchestrator.embedded import EmbeddedService
+    import logging
 
+    from api.shell.embedded import EmbeddedService
+
+    for noisy in ("mlflow", "alembic", "httpx"):  # their INFO lines would break the progress display
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     with EmbeddedService(port=port) as service:
         typer.echo(
-            f"service {service.url} (database {service.settings.db_url}, MLflow {service.settings.tracking_uri})"
+            f"service {service.url} (database {service.settings.db_url}, MLflow {service.settings.tracking_uri})\n"
+            f"while it runs: ORCH_URL={service.url} ORCH_HOME={service.settings.home} orchestrator runs list"
         )
         with Client(service.url, service.token) as api:
             run = api.submit(

@@ -1,0 +1,376 @@
+"""Benchmark configs and the table of benchmarks, without torch: the service validates evaluations with these.
+
+Importing this module loads pydantic, yaml and the trainer's config modules only (never torch, timm or
+torchvision), so the REST API and the reconciler can resolve, validate and hash a benchmark config cheaply.
+`evaluator.benchmarks` adds a runner to each entry of `BENCHMARKS`; nothing else lists the benchmarks.
+
+Each benchmark has a `full` config (the papers' protocol, spec section 3) and a `tiny` one: the same code on
+2 CPU cores in minutes, for the tiny trainer presets (32-px inputs, 4-px patches). The tiny departures are
+deliberate:
+  * knn/linear: 32-px resize/crop (the models' input size), seeded 10k/5k subsets of train/test, cached
+    centre-crop features (no augmentation), linear base_lr 0.1 (DINO's 1e-3 barely moves in 100 epochs);
+  * det/seg: frozen backbone (a dense probe, no ViT backward), 96-px images, slim FPN/heads, 100 steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.presets import ConfigError, override_model, validate_model
+
+Pool = Literal["auto", "cls", "ca", "avg"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+ConfigName = Literal["tiny", "full"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------------ probes (k-NN, linear)
+
+
+class FeatureSpec(_Config):
+    """Which image-level feature a probe reads from the backbone."""
+
+    pool: Pool = Field(
+        "auto",
+        description="cls = normed [CLS] (DINO variant); ca = SelfPatch aggregation token; avg = mean of patch "
+        "tokens; auto = cls for DINO, ca for SelfPatch (avg when ca_head is not available).",
+    )
+    n_last_blocks: int | None = Field(
+        None,
+        ge=1,
+        le=48,
+        description="Concatenate the feature of the last n blocks; None = the probe's default (1, "
+        "or the linear probe's cls_last_blocks for [CLS]).",
+    )
+
+
+class ImageTransform(_Config):
+    """Test-time transform: resize the short side, centre-crop, normalise (DINO: 256 / 224, bicubic)."""
+
+    resize: int = Field(256, ge=1, description="Short side after resizing.")
+    crop: int = Field(224, ge=1, description="Centre-crop side (a multiple of the patch size).")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="Resize interpolation.")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ProbeConfig(_Config):
+    """What the k-NN and linear probes read: data, subsets, transform, feature choice."""
+
+    feature: FeatureSpec = Field(default_factory=lambda: FeatureSpec(), description="Image feature to probe.")
+    transform: ImageTransform = Field(default_factory=lambda: ImageTransform())
+    train_split: str = Field("train", description="Labelled split the probe learns from.")
+    test_split: str = Field("val", description="Split it is scored on (Fashion-MNIST: the test files).")
+    max_train_samples: int | None = Field(None, ge=1, description="Seeded random subset of the train split.")
+    max_test_samples: int | None = Field(None, ge=1, description="Seeded random subset of the test split.")
+    batch_size: int = Field(256, ge=1, description="Images per forward pass while extracting.")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers while extracting.")
+    device: Device = "auto"
+    seed: int = Field(0, ge=0, description="Seeds the subsets and the probe.")
+
+
+class KnnConfig(ProbeConfig):
+    """DINO's k-NN protocol on frozen features (defaults: the full ImageNet setup)."""
+
+    ks: tuple[int, ...] = Field((10, 20, 100, 200), description="Neighbour counts; all are reported.")
+    temperature: float = Field(0.07, gt=0, description="Vote weight exp(sim / T).")
+
+
+class LinearConfig(ProbeConfig):
+    """DINO's linear protocol (defaults: ViT-S on ImageNet, 100 epochs, batch 1024 = 8 GPUs x 128)."""
+
+    cls_last_blocks: int = Field(4, ge=1, description="DINO's n_last_blocks for ViT-S when the feature is [CLS].")
+    epochs: int = Field(100, ge=1)
+    train_batch_size: int = Field(1024, ge=1, description="Probe batch; lr = base_lr * batch / 256.")
+    base_lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    train_augment: bool = Field(
+        True,
+        description="RandomResizedCrop + flip through the frozen backbone every epoch (DINO); false = cached "
+        "centre-crop features (fast).",
+    )
+    eval_every: int = Field(1, ge=1, description="Score the test split every N epochs (top1_best).")
+
+
+# ------------------------------------------------------------------------------ dense tasks (det, seg)
+
+
+class DenseBackboneConfig(_Config):
+    out_indices: tuple[int, ...] | None = Field(
+        None,
+        description="0-based blocks feeding the neck; None = the paper's blocks for a 12-block ViT, evenly "
+        "spaced blocks for other depths.",
+    )
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth while fine-tuning.")
+    freeze: bool = Field(False, description="Keep the backbone frozen (the papers fine-tune it end to end).")
+    dino_cls_token: Literal["keep", "drop"] = Field(
+        "keep",
+        description="DINO backbones only: 'keep' runs the ViT as pretrained, with [CLS]; 'drop' removes [CLS] and "
+        "its positional entry as SelfPatch's det/seg backbone does (spec 2.10.9).",
+    )
+
+
+class DetectionConfig(_Config):
+    """Mask R-CNN fine-tuning and evaluation; defaults are the paper's full-scale setup."""
+
+    backbone: DenseBackboneConfig = Field(default_factory=lambda: DenseBackboneConfig(drop_path_rate=0.05))
+    strides: tuple[int, int, int, int] = Field((4, 8, 16, 32), description="Output strides of the adapter.")
+    fpn_channels: int = Field(256, ge=8, description="FPN width.")
+    box_head_dim: int = Field(1024, ge=8, description="Width of the two-layer box head.")
+    mask_head_channels: int = Field(256, ge=8, description="Width of the 4-conv mask head.")
+    anchor_sizes: tuple[int, int, int, int, int] = Field((32, 64, 128, 256, 512), description="One size per level.")
+    train_min_sizes: tuple[int, ...] = Field(
+        tuple(range(480, 801, 32)), description="Multi-scale training: short side drawn from these."
+    )
+    test_min_size: int = Field(800, ge=16, description="Short side at test time.")
+    max_size: int = Field(1333, ge=16, description="Long side limit (train and test).")
+    crop_policy: bool = Field(
+        True,
+        description="DETR-style second policy with p=0.5: resize to {400,500,600}, absolute random crop 384-600, "
+        "then the multi-scale resize.",
+    )
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    rpn_batch_size: int = Field(256, ge=1, description="Anchors sampled per image for the RPN loss.")
+    roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box/mask losses.")
+    batch_size: int = Field(8, ge=1, description="Images per step (paper: 1 per GPU on 8 GPUs).")
+    epochs: float = Field(12, gt=0, description="Training epochs (1x schedule).")
+    max_iterations: int | None = Field(None, ge=1, description="Stop after this many steps (smoke runs).")
+    lr: float = Field(5e-5, gt=0, description="AdamW lr (XCiT's 1e-4 halved with the per-GPU batch).")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_steps: tuple[float, ...] = Field(
+        (8 / 12, 11 / 12), description="Fractions of the schedule at which lr drops 10x (1x: epochs 8 and 11 of 12)."
+    )
+    warmup_iters: int = Field(1000, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0, le=1)
+    train_split: str = "train"
+    val_split: str = "val"
+    max_val_images: int | None = Field(None, ge=1, description="Score only the first N validation images.")
+    per_class: bool = Field(True, description="Also report per-class AP.")
+    num_workers: int = Field(2, ge=0)
+    device: Device = "auto"
+    precision: Precision = "auto"
+    seed: int = 0
+
+
+class SegmentationConfig(_Config):
+    """Semantic FPN training and evaluation; defaults are the paper's 40k-iteration ADE20K setup."""
+
+    backbone: DenseBackboneConfig = Field(default_factory=lambda: DenseBackboneConfig(drop_path_rate=0.1))
+    fpn_channels: int = Field(256, ge=8)
+    head_channels: int = Field(128, ge=8)
+    feature_strides: tuple[int, int, int, int] = Field((4, 8, 16, 32), description="Strides FPNHead declares.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    scale: tuple[int, int] = Field(
+        (2048, 512), description="(long, short) size limits of the rescale (train and test)."
+    )
+    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Training rescale ratio range.")
+    crop_size: int = Field(512, ge=8, description="Training crop side (a multiple of the patch size).")
+    cat_max_ratio: float = Field(0.75, gt=0.0, le=1.0, description="Retry crops in which one class exceeds this share.")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    photometric: bool = Field(True, description="mmseg's PhotoMetricDistortion.")
+    batch_size: int = Field(16, ge=1, description="Images per step (samples_per_gpu=4; 4 GPUs assumed).")
+    iterations: int = Field(40000, ge=1)
+    lr: float = Field(6e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    poly_power: float = Field(1.0, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_iters: int = Field(1500, ge=0)
+    warmup_ratio: float = Field(1e-6, gt=0, le=1)
+    train_split: str = "train"
+    val_split: str = "val"
+    max_val_images: int | None = Field(None, ge=1, description="Score only the first N validation images.")
+    num_workers: int = Field(2, ge=0)
+    device: Device = "auto"
+    precision: Precision = "auto"
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """sha256 of the canonical JSON of a benchmark config."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A versioned benchmark definition: what it measures, its config type and its named configs.
+
+    Bump `version` whenever the numbers would change for the same checkpoint and config, so stored results
+    of the old version are never reused.
+    """
+
+    name: str
+    version: str
+    description: str
+    config_type: type[BaseModel]
+    presets: Mapping[str, BaseModel]
+    accepts_pixels: bool = False
+    data: str = ""  # the dataset layout it reads, for help texts
+
+    def config(self, config: str | BaseModel | Mapping[str, Any] = "tiny", overrides: Sequence[str] = ()) -> BaseModel:
+        """A preset name ('tiny', 'full'), a config object or a dict, plus dotted `key=value` overrides.
+
+        Raises ConfigError (with `.field` naming the dotted field when one is to blame).
+        """
+        if isinstance(config, str):
+            if config not in self.presets:
+                raise ConfigError(f"{self.name}: no config named {config!r}; choose from {', '.join(self.presets)}")
+            cfg = self.presets[config]
+        elif isinstance(config, self.config_type):
+            cfg = config
+        elif isinstance(config, Mapping):
+            cfg = validate_model(self.config_type, config)
+        else:
+            raise ConfigError(f"{self.name}: config must be a preset name, a {self.config_type.__name__} or a dict")
+        return override_model(cfg, overrides) if overrides else cfg
+
+    def describe(self) -> dict[str, Any]:
+        """Name, version, description and the hash of every named config (a /benchmarks listing entry)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "configs": {name: config_hash(cfg) for name, cfg in self.presets.items()},
+        }
+
+
+_TINY_PROBE: dict[str, Any] = {
+    "transform": ImageTransform(resize=32, crop=32),
+    "max_train_samples": 10000,
+    "max_test_samples": 5000,
+    "batch_size": 256,
+    "num_workers": 0,
+}
+_PROBE_DATA = "Fashion-MNIST idx folder, or an ImageNet-style root with train/ and val/ class folders"
+
+#: Every benchmark, once: `evaluator.benchmarks` pairs each entry with the code that runs it.
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "knn": BenchmarkSpec(
+        name="knn",
+        version="1",
+        description="weighted k-NN (DINO: cosine, T=0.07, k in 10/20/100/200) on frozen features",
+        config_type=KnnConfig,
+        presets={
+            "tiny": KnnConfig(**_TINY_PROBE),
+            "full": KnnConfig(batch_size=128, num_workers=10),
+        },
+        accepts_pixels=True,
+        data=_PROBE_DATA,
+    ),
+    "linear": BenchmarkSpec(
+        name="linear",
+        version="1",
+        description="linear probe on frozen features (DINO: SGD, cosine lr, 100 epochs, last-4 [CLS] for ViT-S)",
+        config_type=LinearConfig,
+        presets={
+            "tiny": LinearConfig(**_TINY_PROBE, epochs=100, train_batch_size=256, base_lr=0.1, train_augment=False),
+            "full": LinearConfig(batch_size=128, num_workers=10),
+        },
+        accepts_pixels=True,
+        data=_PROBE_DATA,
+    ),
+    "det": BenchmarkSpec(
+        name="det",
+        version="1",
+        description="Mask R-CNN + FPN on the ViT adapter (blocks 4/6/8/12 -> strides 4-32), COCOeval bbox/segm",
+        config_type=DetectionConfig,
+        presets={
+            "tiny": DetectionConfig(
+                backbone=DenseBackboneConfig(drop_path_rate=0.0, freeze=True),
+                fpn_channels=64,
+                box_head_dim=256,
+                mask_head_channels=64,
+                anchor_sizes=(16, 32, 64, 128, 256),
+                train_min_sizes=(96,),
+                test_min_size=96,
+                max_size=96,
+                crop_policy=False,
+                rpn_batch_size=64,
+                roi_batch_size=64,
+                batch_size=2,
+                max_iterations=100,
+                lr=1e-3,
+                warmup_iters=20,
+                num_workers=0,
+            ),
+            "full": DetectionConfig(num_workers=4),
+        },
+        data="COCO-layout root: annotations/instances_<split>.json + <split>/ or images/<split>/",
+    ),
+    "seg": BenchmarkSpec(
+        name="seg",
+        version="1",
+        description="Semantic FPN on blocks 3/6/9/12 (all at stride p), mIoU / mAcc / aAcc from a confusion matrix",
+        config_type=SegmentationConfig,
+        presets={
+            "tiny": SegmentationConfig(
+                backbone=DenseBackboneConfig(drop_path_rate=0.0, freeze=True),
+                fpn_channels=64,
+                head_channels=32,
+                scale=(192, 96),
+                crop_size=96,
+                batch_size=4,
+                iterations=100,
+                lr=1e-3,
+                warmup_iters=20,
+                num_workers=0,
+            ),
+            "full": SegmentationConfig(num_workers=4),
+        },
+        data="ADE20K-layout root: images/<split>/ + annotations/<split>/ (+ meta.json or objectInfo150.csv)",
+    ),
+}
+
+if TYPE_CHECKING:
+    BenchmarkName = str
+else:  # derived from the table, so pydantic validates the names and the JSON schema lists them
+    BenchmarkName = Literal[tuple(BENCHMARKS)]
+
+
+def get_spec(name: str) -> BenchmarkSpec:
+    """The benchmark called `name`; ConfigError naming the choices otherwise."""
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}", field="benchmark")
+    return BENCHMARKS[name]
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, version, description and config hashes of every benchmark (for a /benchmarks listing)."""
+    return [spec.describe() for spec in BENCHMARKS.values()]
+
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkName",
+    "BenchmarkSpec",
+    "ConfigError",
+    "ConfigName",
+    "DenseBackboneConfig",
+    "DetectionConfig",
+    "FeatureSpec",
+    "ImageTransform",
+    "KnnConfig",
+    "LinearConfig",
+    "ProbeConfig",
+    "SegmentationConfig",
+    "config_hash",
+    "describe",
+    "get_spec",
+]

@@ -1,0 +1,66 @@
+"""Experiments: named groups of runs, each with the evaluation policy its runs' checkpoints follow."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Experiment
+from orchestrator.errors import ConflictError, NotFoundError
+from orchestrator.evaluations import validate_policy
+from orchestrator.schemas import ExperimentCreate, ExperimentUpdate
+
+
+def get_or_create_experiment(session: Session, name: str, description: str = "") -> Experiment:
+    """Race-safe: concurrent first submits to a new experiment create it once (a savepoint absorbs the loser)."""
+    found = session.scalar(select(Experiment).where(Experiment.name == name))
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            experiment = Experiment(name=name, description=description, eval_policy={})
+            session.add(experiment)
+        return experiment
+    except IntegrityError:
+        found = session.scalar(select(Experiment).where(Experiment.name == name))
+        if found is None:
+            raise
+        return found
+
+
+def create_experiment(session: Session, body: ExperimentCreate) -> Experiment:
+    validate_policy(body.eval_policy)
+    if session.scalar(select(Experiment.id).where(Experiment.name == body.name)) is not None:
+        raise ConflictError(f"an experiment named {body.name!r} exists", field="name")
+    experiment = Experiment(
+        name=body.name, description=body.description, eval_policy=body.eval_policy.model_dump(mode="json")
+    )
+    session.add(experiment)
+    session.flush()
+    return experiment
+
+
+def update_experiment(session: Session, ident: str, body: ExperimentUpdate) -> Experiment:
+    if body.eval_policy is not None:
+        validate_policy(body.eval_policy)
+    found = get_experiment(session, ident)
+    if body.description is not None:
+        found.description = body.description
+    if body.eval_policy is not None:
+        found.eval_policy = body.eval_policy.model_dump(mode="json")
+    return found
+
+
+def get_experiment(session: Session, ident: str) -> Experiment:
+    query = select(Experiment)
+    try:
+        query = query.where(Experiment.id == uuid.UUID(ident))
+    except ValueError:
+        query = query.where(Experiment.name == ident)
+    found = session.scalar(query)
+    if found is None:
+        raise NotFoundError(f"no experiment {ident!r}")
+    return found

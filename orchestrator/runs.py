@@ -1,0 +1,251 @@
+"""Pretraining runs: a kind of job. Submit, list, retry; checkpoints; and the service side of their jobs.
+
+Every function takes the caller's SQLAlchemy session: the caller owns the transaction, so a request's
+writes (run, event, idempotency record) commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from orchestrator.db.models import Checkpoint, Job, Run
+from orchestrator.errors import ConflictError, InvalidInputError
+from orchestrator.evaluations import plan_final, plan_for_checkpoint
+from orchestrator.experiments import get_experiment, get_or_create_experiment
+from orchestrator.jobs.files import JobFile
+from orchestrator.jobs.kinds import Context
+from orchestrator.jobs.records import get_job, record_event
+from orchestrator.jobs.train import train_dir
+from orchestrator.launchers.base import Resources
+from orchestrator.lifecycle import RUN, Status
+from orchestrator.pages import page, page_after
+from orchestrator.schemas import JobReport, RunCreate
+from orchestrator.settings import Settings
+from trainer.config import TrainConfig
+from trainer.files import LATEST
+from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
+
+
+def resolve_config(body: RunCreate) -> TrainConfig:
+    """preset + overrides, or a full config (+ overrides on top), validated by the trainer's own classes."""
+    try:
+        if body.config is not None and body.preset is not None:
+            raise InvalidInputError("give either 'config' or 'preset', not both", field="config")
+        if body.config is not None:
+            data = body.config.model_dump(mode="json")
+        elif body.preset is not None:
+            data = read_yaml(resolve_preset(body.preset))
+        else:
+            data = {}
+        cfg = validate_config(apply_overrides(data, body.overrides))
+    except ConfigError as exc:
+        field = exc.field
+        if field is not None and body.config is not None and not any(o.startswith(field) for o in body.overrides):
+            field = f"config.{field}"
+        elif body.preset is not None and field is None:
+            field = "preset"
+        raise InvalidInputError(str(exc), field=field or "overrides") from exc
+    if not cfg.data.path.is_absolute():  # jobs run in their run folder: pin data to the service's directory
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": cfg.data.path.resolve()})})
+    return cfg
+
+
+def submit_run(session: Session, settings: Settings, body: RunCreate, actor: str) -> Run:
+    cfg = resolve_config(body)
+    experiment = get_or_create_experiment(session, body.experiment)
+    run_id = uuid.uuid4()
+    folder = settings.runs_root / str(run_id)
+    run = Run(
+        id=run_id,
+        experiment=experiment,
+        name=body.name or cfg.default_run_name(),
+        method=cfg.method,
+        config=cfg.model_dump(mode="json"),
+        config_hash=cfg.config_hash(),
+        launcher=body.launcher or settings.default_launcher,
+        resources=body.resources.model_dump(mode="json"),
+        status=Status.QUEUED.value,
+        folder=str(folder),
+        output_dir=str(train_dir(folder)),
+        progress={},
+        created_by=actor,
+        attempts=[],
+    )
+    session.add(run)
+    session.flush()
+    record_event(session, run, "transition", actor, "submitted by user", to_status=Status.QUEUED.value)
+    return run
+
+
+def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:
+    return get_job(session, Run, run_id, "run", lock=lock)
+
+
+def list_runs(
+    session: Session,
+    *,
+    page_size: int,
+    page_token: str | None,
+    status: list[Status] | None = None,
+    experiment: str | None = None,
+) -> tuple[list[Run], str | None]:
+    query = select(Run).options(selectinload(Run.attempts), selectinload(Run.experiment))
+    if status:
+        query = query.where(Run.status.in_([s.value for s in status]))
+    if experiment:
+        query = query.where(Run.experiment_id == get_experiment(session, experiment).id)
+    query = page_after(query, Run.created_at, Run.id, page_token, uuid.UUID).limit(page_size + 1)
+    return page(list(session.scalars(query)), page_size)
+
+
+def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run:
+    """A new run with the same config (terminal runs never change); links back with retry_of."""
+    if not Status(run.status).terminal:
+        raise ConflictError(f"run {run.id} is {run.status}; only finished runs can be retried (cancel it first)")
+    body = RunCreate(
+        experiment=run.experiment.name,
+        name=run.name,
+        config=TrainConfig.model_validate(run.config),
+        launcher=run.launcher,
+        resources=Resources.model_validate(run.resources),
+    )
+    new = submit_run(session, settings, body, actor)
+    new.retry_of_id = run.id
+    record_event(session, new, "retry", actor, f"retry of {run.id}", retry_of=str(run.id))
+    return new
+
+
+def record_checkpoint(
+    session: Session,
+    settings: Settings,
+    run: Run,
+    *,
+    attempt: int,
+    path: str,
+    epoch: int,
+    step: int,
+    sha256: str,
+    kind: str,
+    actor: str,
+) -> Checkpoint | None:
+    """Idempotent: the same (path, sha256) is recorded once, whoever reports it first (job or reconciler).
+    A new numbered checkpoint gets the evaluations its experiment's policy asks for."""
+    exists = session.scalar(
+        select(Checkpoint.id).where(Checkpoint.run_id == run.id, Checkpoint.path == path, Checkpoint.sha256 == sha256)
+    )
+    if exists is not None:
+        return None
+    checkpoint = Checkpoint(attempt=attempt, path=path, epoch=epoch, step=step, sha256=sha256, kind=kind)
+    run.checkpoints.append(checkpoint)  # the loaded collection sees it too (final-evaluation planning reads it)
+    session.flush()
+    record_event(session, run, "checkpoint", actor, None, path=path, epoch=epoch, step=step, sha256=sha256)
+    if run.experiment.eval_policy.get("benchmarks"):
+        plan_for_checkpoint(session, settings, run, checkpoint)
+    return checkpoint
+
+
+def ingest_checkpoints(session: Session, settings: Settings, run: Run, attempt: int, actor: str) -> None:
+    """Checkpoints the trainer logged (catches up on reports lost while the service was down)."""
+    log_file = Path(run.output_dir) / "log.jsonl"
+    if not log_file.exists():
+        return
+    known = {(c.path, c.sha256) for c in run.checkpoints}
+    for line in log_file.read_text().splitlines():
+        if '"checkpoint"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        if record.get("event") != "checkpoint" or not record.get("sha256"):
+            continue
+        if (record["path"], record["sha256"]) in known:
+            continue
+        record_checkpoint(
+            session,
+            settings,
+            run,
+            attempt=attempt,
+            path=record["path"],
+            epoch=int(record["epoch"]),
+            step=int(record["iteration"]),
+            sha256=record["sha256"],
+            kind=record.get("kind", "epoch"),
+            actor=actor,
+        )
+        known.add((record["path"], record["sha256"]))
+
+
+class TrainKind:
+    """The service side of pretraining jobs."""
+
+    lifecycle = RUN
+
+    def prepare(self, ctx: Context, session: Session, job: Job, attempt: int) -> JobFile:
+        assert isinstance(job, Run)
+        if ctx.mlflow is not None and not job.mlflow_run_id:
+            experiment_id = ctx.mlflow.experiment_id(job.experiment.name)
+            tags = {
+                "orch.run_id": str(job.id),
+                "orch.config_hash": job.config_hash,
+                "orch.launcher": job.launcher,
+                "method": job.method,
+            }
+            job.mlflow_experiment_id = experiment_id
+            job.mlflow_run_id = ctx.mlflow.create_run(experiment_id, job.name, tags)
+            job.experiment.mlflow_experiment_id = experiment_id
+        return ctx.job_file(job, {"config": job.config}, job.mlflow_experiment_id, job.mlflow_run_id)
+
+    def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
+        assert isinstance(job, Run)
+        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
+
+    def completed(
+        self, ctx: Context, session: Session, job: Job, attempt: int, result: dict[str, Any]
+    ) -> tuple[bool, str]:
+        assert isinstance(job, Run)
+        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
+        final = Path(str(result.get("checkpoint") or Path(job.output_dir) / LATEST))
+        if not final.exists():
+            return False, "job reported completion but its final checkpoint is missing"
+        job.progress = {**job.progress, "iteration": result.get("iteration")}
+        if job.experiment.eval_policy.get("benchmarks"):
+            plan_final(session, ctx.settings, job)
+        return True, "training completed"
+
+    def retry_failure(self, job: Job) -> str | None:
+        return None  # a failed run stays failed; `retry` makes a new run
+
+    def report(self, ctx: Context, session: Session, job: Job, report: JobReport, actor: str) -> None:
+        assert isinstance(job, Run)
+        if report.kind == "start":
+            job.progress = {**job.progress, "total_iterations": report.total_iterations, "iteration": report.iteration}
+        elif report.kind == "heartbeat":
+            job.progress = {**job.progress, "iteration": report.iteration, "metrics": report.metrics}
+        elif report.kind == "checkpoint":
+            if report.path is None or report.sha256 is None or report.epoch is None or report.iteration is None:
+                raise InvalidInputError("a checkpoint report needs path, sha256, epoch and iteration", field="path")
+            record_checkpoint(
+                session,
+                ctx.settings,
+                job,
+                attempt=report.attempt,
+                path=report.path,
+                epoch=report.epoch,
+                step=report.iteration,
+                sha256=report.sha256,
+                kind=report.checkpoint_kind or "epoch",
+                actor=actor,
+            )
+
+    def terminal(self, session: Session, job: Job, actor: str) -> None:
+        pass
+
+
+TRAIN = TrainKind()

@@ -1,0 +1,122 @@
+"""Helpers every test module may import: the repository's paths, the micro training config, a running
+service's REST calls, credentials, and the one `wait_for`. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from orchestrator.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_MNIST = REPO / "data" / "fashion-mnist"
+ADMIN, READER = "adm-token-123", "read-token-456"
+T = TypeVar("T")
+
+
+def micro_overrides(output_dir: Path, method: str = "selfpatch", *extra: str) -> list[str]:
+    """tiny_cpu shrunk to a 2-block, 32-wide ViT on 64 images: 8 steps per epoch."""
+    return [
+        f"method={method}",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+        "model.depth=2",
+        "head.hidden_dim=64",
+        "head.bottleneck_dim=32",
+        "head.out_dim=128",
+        "selfpatch.out_dim=64",
+        "crops.local_number=2",
+        "optim.batch_size_per_gpu=8",
+        "optim.epochs=2",
+        "optim.warmup_epochs=1",
+        "data.max_samples=64",
+        "data.num_workers=0",
+        f"data.path={FASHION_MNIST}",
+        f"checkpoint.output_dir={output_dir}",
+        "checkpoint.saveckp_freq=1",
+        "logging.mlflow=false",
+        "logging.progress=off",
+        "logging.log_every=2",
+        *extra,
+    ]
+
+
+#: The micro config as REST overrides (the service chooses the output folder and the logging).
+MICRO = [o for o in micro_overrides(Path("/unused")) if not o.startswith(("checkpoint.output_dir", "logging."))]
+
+
+def wait_for(probe: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
+    """Poll `probe()` until it returns something truthy and return it; fail naming `what` on timeout
+    (a generous deadline that only guards against hangs, never a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_settings(home: Path, db_url: str, tracking_uri: str | None = None, **extra: Any) -> Settings:
+    return Settings(
+        home=home,
+        database_url=db_url,
+        admin_tokens=f"admin:{ADMIN}",
+        read_tokens=f"viewer:{READER}",
+        mlflow_tracking_uri=tracking_uri or f"sqlite:///{home / 'mlruns' / 'mlflow.db'}",
+        reconcile_interval_s=0.5,
+        **extra,
+    )
+
+
+def auth(token: str = ADMIN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---------------------------------------------------------------------------------- REST calls to a service
+
+
+def body(*extra: str, launcher: str = "local", experiment: str = "e2e") -> dict[str, Any]:
+    """A micro pretraining run as a submission."""
+    return {"experiment": experiment, "preset": "tiny_cpu", "overrides": [*MICRO, *extra], "launcher": launcher}
+
+
+def get(url: str, path: str) -> Any:
+    response = httpx.get(f"{url}/api/v1{path}", headers=auth(), timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def post(url: str, path: str, payload: dict[str, Any] | None = None, token: str = ADMIN) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1{path}", json=payload, headers=auth(token), timeout=60)
+
+
+def status_of(url: str, run_id: str) -> str:
+    return str(get(url, f"/runs/{run_id}")["status"])
+
+
+def submit(url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    response = post(url, "/runs", payload)
+    assert response.status_code == 202, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def settled(url: str, path: str, timeout: float, what: str = "the job to end") -> dict[str, Any]:
+    """Wait until the run or evaluation at `path` is terminal and return it."""
+    terminal = ("succeeded", "failed", "cancelled")
+    found: dict[str, Any] = wait_for(lambda: (job := get(url, path))["status"] in terminal and job, timeout, what)
+    return found

@@ -1,0 +1,96 @@
+"""The project as the Docker image installs it: a wheel (not the source tree) in a fresh virtual environment,
+run from a folder outside the repository, serves the API and resolves the presets it ships."""
+
+from __future__ import annotations
+
+import os
+import site
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import REPO, free_port, wait_for
+
+pytestmark = pytest.mark.slow  # builds a wheel and a virtual environment
+
+
+def test_a_wheel_in_a_fresh_venv_serves_a_preset_dry_run(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(wheels.glob("selfpatch_orchestrator-*.whl"))
+    env_dir = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # dependencies (torch, fastapi, ...) come from this venv's site-packages as a plain path: its .pth files,
+    # among them the editable install of the source tree, are not processed there
+    fresh_site = next((env_dir / "lib").glob("python3.*/site-packages"))
+    (fresh_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    where = subprocess.run(
+        [str(python), "-c", "import trainer, api, orchestrator; print(trainer.__file__, api.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert str(REPO) not in where and str(fresh_site) in where, where
+
+    port = free_port()
+    token = "wheel-admin-token"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "PYTHONPATH"))},
+        "ORCH_HOME": str(tmp_path / "home"),
+        "ORCH_ADMIN_TOKENS": f"admin:{token}",
+        "ORCH_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    server = subprocess.Popen(
+        [str(env_dir / "bin" / "orchestrator"), "serve", "--port", str(port), "--no-reconciler"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 120, "the installed service to be ready")
+        reply = httpx.post(
+            f"{url}/api/v1/runs?dry_run=true",
+            json={"preset": "tiny_cpu", "launcher": "local"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        dry = reply.json()
+        assert dry["config"]["model"]["arch"] == "vit_tiny" and len(dry["config_hash"]) == 64
+        assert f"{env_dir / 'bin' / 'python'} -m orchestrator.jobs" in dry["rendered"]  # jobs run the installed copy
+        runs = httpx.get(f"{url}/api/v1/runs", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        assert runs["items"] == []  # a dry run writes nothing
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
