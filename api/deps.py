@@ -5,16 +5,18 @@ from __future__ import annotations
 import hmac
 import secrets
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from orchestrator.db.session import Database
+from orchestrator.jobs.files import job_token_matches
 from orchestrator.launchers import Launchers
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.settings import Settings, parse_tokens
@@ -51,10 +53,12 @@ class AppState:
         return None if self.reconciler_thread is None else self.reconciler_thread.is_alive()
 
     def principal(self, token: str) -> Principal | None:
+        """Compared in constant time against every known token (no early exit that would time the match)."""
+        found = None
         for known, principal in self.tokens.items():
-            if hmac.compare_digest(known, token):
-                return principal
-        return None
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = principal
+        return found
 
 
 def admin_token_path(home: Path) -> Path:
@@ -110,4 +114,36 @@ def admin_principal(principal: Annotated[Principal, Depends(current_principal)])
 
 Reader = Annotated[Principal, Depends(current_principal)]
 Admin = Annotated[Principal, Depends(admin_principal)]
-JobToken = Annotated[str, Depends(bearer_token)]
+
+
+def job_caller(request: Request, state: StateDep, token: Annotated[str, Depends(bearer_token)]) -> uuid.UUID:
+    """The job a report comes from: the path names it, the token must be that job's own (HMAC of its id).
+    Checked before the body is looked at, so a caller without the token learns nothing about the input."""
+    ident = next((v for k, v in request.path_params.items() if k.endswith("_id")), "")
+    try:
+        job_id = uuid.UUID(str(ident))
+    except ValueError:
+        job_id = None
+    if job_id is None or not job_token_matches(state.settings.secret, job_id, token):
+        raise HTTPException(401, "not this job's token", headers={"WWW-Authenticate": "Bearer"})
+    return job_id
+
+
+JobCaller = Annotated[uuid.UUID, Depends(job_caller)]
+
+
+#: A cursor from a previous page's `next_page_token` (opaque; anything else is a 422 naming it).
+PageToken = Annotated[
+    str | None,
+    Query(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$", description="`next_page_token` of the previous page."),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Repeat a POST safely: the same key replays the first reply (1-200 visible ASCII characters).",
+    ),
+]

@@ -69,6 +69,10 @@ def run_once(db: Database, *, scope: str, key: str | None, fingerprint: str, ttl
                     IdempotencyRecord(key=record_key, request_hash=fingerprint, status_code=status, response=body)
                 )
             return JSONResponse(body, status_code=status)
-        except (IntegrityError, OperationalError):
-            continue  # another request with this key committed first (or the write lock timed out): look again
+        except IntegrityError:
+            continue  # another request with this key committed first: look again
+        except OperationalError as exc:
+            if "locked" not in str(exc.orig):
+                raise  # the database went away: a 503 the client retries, not a busy key
+            continue  # SQLite's write lock timed out: look again
     raise InvalidInputError("Idempotency-Key is busy; retry the request", field="Idempotency-Key")

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from api import problems
+from api.body_limit import BodyLimit
+from api.contract import install_contract
 from api.deps import AppState
 from api.routes import evaluations, experiments, health, runs
 from orchestrator.db.migrate import upgrade
@@ -71,4 +73,6 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
     v1.include_router(evaluations.router)
     app.include_router(v1)
     app.include_router(health.router)
+    install_contract(app)
+    app.add_middleware(BodyLimit)
     return app

@@ -8,8 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.contract import allowed_methods
 from orchestrator.errors import ServiceError
 from orchestrator.lifecycle import TransitionError
 
@@ -71,6 +73,16 @@ def install(app: FastAPI) -> None:
     async def _transition(request: Request, exc: TransitionError) -> JSONResponse:
         return problem(409, "invalid_transition", "Invalid state transition", str(exc), request.url.path)
 
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)):
+            return await _unexpected(request, exc)
+        logging.getLogger("api").warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        detail = "the database does not answer right now; nothing was committed, retry (same Idempotency-Key)"
+        return problem(
+            503, "database_unavailable", "Database unavailable", detail, request.url.path, headers={"Retry-After": "2"}
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logging.getLogger("api").exception("unhandled error on %s %s", request.method, request.url.path)
@@ -84,8 +96,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",
+        }.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # every method of the path, not just those of the route that matched first
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.url.path))}
         return problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path, headers=headers)

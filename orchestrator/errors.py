@@ -24,3 +24,8 @@ class ConflictError(ServiceError):
 
 class InvalidInputError(ServiceError):
     status, code = 422, "invalid_input"
+
+
+class ReportRefusedError(ConflictError):
+    """A job's report that contradicts what the service recorded (another attempt's or job's scheduler id):
+    refused, and the refusal is itself recorded as an event of the job."""

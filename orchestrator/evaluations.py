@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from evaluator.config import config_hash, get_spec
 from orchestrator.db.models import Checkpoint, Evaluation, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError
-from orchestrator.jobs.files import JobFile
+from orchestrator.jobs.files import JobFile, JobResult
 from orchestrator.jobs.kinds import Context
 from orchestrator.jobs.records import get_job, parse_uuid, record_event
 from orchestrator.lifecycle import EVALUATION, Status
@@ -45,9 +45,13 @@ def dataset_key(data: str) -> str:
     """Relative dataset paths are the service's working directory's, like run configs' data paths; the
     dataset must exist when the evaluation is asked for (jobs see the service's filesystem)."""
     path = Path(data)
-    resolved = path if path.is_absolute() else path.resolve()
-    if not resolved.exists():
-        raise InvalidInputError(f"dataset {data!r} does not exist (looked at {resolved})", field="data")
+    try:
+        resolved = path if path.is_absolute() else path.resolve()
+        found = resolved.exists()
+    except (OSError, RuntimeError, ValueError) as exc:  # a name too long for the filesystem, a symlink loop
+        raise InvalidInputError(f"dataset {data[:200]!r} cannot be looked up: {exc}", field="data") from exc
+    if not found:
+        raise InvalidInputError(f"dataset {data[:200]!r} does not exist (looked at {resolved})", field="data")
     return str(resolved)
 
 
@@ -261,17 +265,13 @@ class EvaluateKind:
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         pass
 
-    def completed(
-        self, ctx: Context, session: Session, job: Job, attempt: int, result: dict[str, Any]
-    ) -> tuple[bool, str]:
+    def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Evaluation)
-        metrics = result.get("metrics")
-        if not isinstance(metrics, dict):
+        if not result.metrics:
             return False, "the evaluation completed without metrics"
-        job.metrics = {str(k): float(v) for k, v in metrics.items()}
-        seconds = result.get("seconds")
-        job.seconds = float(seconds) if isinstance(seconds, int | float) else None
-        job.mlflow_run_id = str(result["mlflow_run_id"]) if result.get("mlflow_run_id") else job.mlflow_run_id
+        job.metrics = dict(result.metrics)
+        job.seconds = result.seconds
+        job.mlflow_run_id = result.mlflow_run_id or job.mlflow_run_id
         job.mlflow_synced = job.mlflow_run_id is not None  # the job closed its child run itself
         return True, f"{job.benchmark} completed"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from sqlalchemy import select
@@ -12,6 +13,7 @@ from orchestrator.db.models import Experiment
 from orchestrator.errors import ConflictError, NotFoundError
 from orchestrator.evaluations import validate_policy
 from orchestrator.schemas import ExperimentCreate, ExperimentUpdate
+from orchestrator.strict import EXPERIMENT_NAME
 
 
 def get_or_create_experiment(session: Session, name: str, description: str = "") -> Experiment:
@@ -55,10 +57,13 @@ def update_experiment(session: Session, ident: str, body: ExperimentUpdate) -> E
 
 
 def get_experiment(session: Session, ident: str) -> Experiment:
+    """By id or by name; what can be neither (a NUL, a path) is simply not found."""
     query = select(Experiment)
     try:
         query = query.where(Experiment.id == uuid.UUID(ident))
     except ValueError:
+        if len(ident) > 200 or re.fullmatch(EXPERIMENT_NAME, ident) is None:
+            raise NotFoundError(f"no experiment {ident[:200]!r}") from None
         query = query.where(Experiment.name == ident)
     found = session.scalar(query)
     if found is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -13,6 +14,10 @@ from sqlalchemy import Select, and_, or_
 
 from orchestrator.errors import InvalidInputError
 
+#: The shapes of the cursors this service hands out (base64url JSON; decimal event ids).
+CURSOR = re.compile(r"[A-Za-z0-9_\-]{1,200}")
+EVENT_CURSOR = re.compile(r"[0-9]{1,18}")
+
 
 def encode_cursor(created_at: datetime, ident: uuid.UUID | int) -> str:
     raw = json.dumps([created_at.isoformat(), str(ident)]).encode()
@@ -20,12 +25,28 @@ def encode_cursor(created_at: datetime, ident: uuid.UUID | int) -> str:
 
 
 def decode_cursor(token: str) -> tuple[datetime, str]:
+    """Strictly parsed: anything but a token this service made is a 422 naming page_token, never a 500."""
+    refused = InvalidInputError("page_token is not a token this service issued", field="page_token")
+    if not CURSOR.fullmatch(token):
+        raise refused
     try:
         padded = token + "=" * (-len(token) % 4)
-        created, ident = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(ident)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError("page_token is not a token this service issued", field="page_token") from exc
+        data = json.loads(base64.urlsafe_b64decode(padded))
+        if not (isinstance(data, list) and len(data) == 2 and all(isinstance(part, str) for part in data)):
+            raise refused
+        created = datetime.fromisoformat(data[0])
+    except (ValueError, TypeError, RecursionError) as exc:  # binascii.Error and UnicodeDecodeError included
+        raise refused from exc
+    if created.tzinfo is None or len(data[1]) > 64:
+        raise refused
+    return created, data[1]
+
+
+def decode_sequence(token: str) -> int:
+    """An event cursor: the decimal id of the last event seen (ASCII digits, at most 18 of them)."""
+    if not EVENT_CURSOR.fullmatch(token):
+        raise InvalidInputError("page_token is not a token this service issued", field="page_token")
+    return int(token)
 
 
 def page_after(

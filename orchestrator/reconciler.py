@@ -12,6 +12,7 @@ that state is SQL rows, scheduler job ids and files in the job folders.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Attempt, Job, utcnow
 from orchestrator.db.session import Database
-from orchestrator.jobs.files import read_result
+from orchestrator.jobs.files import JobFileError, read_result
 from orchestrator.jobs.kinds import KINDS, Context, handler, job_spec
 from orchestrator.jobs.records import (
     advance,
@@ -72,6 +73,15 @@ class Tracked:
     @property
     def queue(self) -> str:
         return KINDS[self.kind].queue
+
+
+def full_disk(folder: Path, threshold: int = 4 << 20) -> str:
+    """Why a job may have died without leaving its result file: its folder's filesystem is full."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"; no space left on device in its folder ({free >> 10} KiB free)" if free < threshold else ""
 
 
 class Reconciler:
@@ -180,6 +190,8 @@ class Reconciler:
                 return False
             kind = handler(job.kind)
             last = current_attempt(job)
+            if last is not None and last.state in ("pending", "running"):
+                return False  # the scheduler holds it already (it requeued the job itself)
             if last is not None and last.state == "submitting":
                 attempt = last  # crashed between commit and submit last time: submit the same key again
             else:
@@ -258,35 +270,56 @@ class Reconciler:
             job = get_job(session, Job, tracked.job_id, "job", lock=True)
             attempt = current_attempt(job)
             assert attempt is not None
-            if poll.restarts > tracked.restarts_seen and not Status(job.status).terminal:
-                number = attempt.number + poll.restarts - tracked.restarts_seen
-                attempt = scheduler_restart(session, job, number, ACTOR, poll.reason or "requeued by the scheduler")
-                if self._over_budget(session, job, launcher, attempt):
-                    return 1
-            status = Status(job.status)
-            if status.terminal:  # cancelled (or settled) while the job still runs: stop it, then close the attempt
-                if not poll.state.ended:
-                    launcher.cancel(str(attempt.backend_job_id))
-                    return 0
-                close_attempt(attempt, poll)
-                handler(job.kind).running(self.ctx, session, job, attempt.number)
+            try:
+                settled = self._apply_poll(session, job, attempt, poll, tracked, launcher)
+            except JobFileError as exc:  # a malicious or corrupt file fails this job, and only this job
+                self._untrusted(session, job, poll, launcher, exc)
                 return 1
-            if poll.state == JobState.PENDING:
-                return 0
-            if poll.state == JobState.RUNNING:
-                attempt.state = "running"
-                attempt.host = attempt.host or poll.host
-                attempt.started_at = attempt.started_at or poll.started_at or utcnow()
-                if status in (Status.SUBMITTED, Status.REQUEUED, Status.PREEMPTED):
-                    advance(session, job, Status.RUNNING, ACTOR, f"running on {poll.host or 'its node'}")
-                self._check_heartbeat(session, job, attempt, poll, launcher)
-                handler(job.kind).running(self.ctx, session, job, attempt.number)
-                return 0
-            self._settle(session, job, attempt, poll)  # the scheduler job ended: the result file decides
             requeued = Status(job.status) == Status.REQUEUED
         if requeued:
             self._launch(tracked.job_id)
+        return settled
+
+    def _apply_poll(
+        self, session: Session, job: Job, attempt: Attempt, poll: JobStatus, tracked: Tracked, launcher: Launcher
+    ) -> int:
+        """What the scheduler's word means for the job (inside the job's locking transaction); 1 if settled."""
+        if poll.restarts > tracked.restarts_seen and not Status(job.status).terminal:
+            number = attempt.number + poll.restarts - tracked.restarts_seen
+            attempt = scheduler_restart(session, job, number, ACTOR, poll.reason or "requeued by the scheduler")
+            if self._over_budget(session, job, launcher, attempt):
+                return 1
+        status = Status(job.status)
+        if status.terminal:  # cancelled (or settled) while the job still runs: stop it, then close the attempt
+            if not poll.state.ended:
+                launcher.cancel(str(attempt.backend_job_id))
+                return 0
+            close_attempt(attempt, poll)
+            handler(job.kind).running(self.ctx, session, job, attempt.number)
+            return 1
+        if poll.state == JobState.PENDING:
+            return 0
+        if poll.state == JobState.RUNNING:
+            attempt.state = "running"
+            attempt.host = attempt.host or poll.host
+            attempt.started_at = attempt.started_at or poll.started_at or utcnow()
+            if status in (Status.SUBMITTED, Status.REQUEUED, Status.PREEMPTED):
+                advance(session, job, Status.RUNNING, ACTOR, f"running on {poll.host or 'its node'}")
+            self._check_heartbeat(session, job, attempt, poll, launcher)
+            handler(job.kind).running(self.ctx, session, job, attempt.number)
+            return 0
+        self._settle(session, job, attempt, poll)  # the scheduler job ended: the result file decides
         return 1
+
+    def _untrusted(self, session: Session, job: Job, poll: JobStatus, launcher: Launcher, exc: JobFileError) -> None:
+        """Fail a job whose files cannot be trusted; stop its scheduler job first if it still runs."""
+        attempt = current_attempt(job)
+        if attempt is not None and not poll.state.ended:
+            launcher.cancel(str(attempt.backend_job_id))
+        elif attempt is not None:
+            close_attempt(attempt, poll, reason=f"untrusted job file: {exc}")
+        if not Status(job.status).terminal:
+            advance(session, job, Status.FAILED, ACTOR, f"untrusted job file: {exc}")
 
     def _over_budget(self, session: Session, job: Job, launcher: Launcher, attempt: Attempt) -> bool:
         """Scheduler-side requeues count against the same budget as ours: past it, stop the job and fail."""
@@ -314,7 +347,7 @@ class Reconciler:
         """Close the attempt and decide the job's next state from the scheduler's word and the result file."""
         folder = Path(job.folder)
         number = attempt.number
-        while read_result(folder, number + 1) is not None:  # restarts of the same job left later result files
+        while (folder / f"result-{number + 1}.json").exists():  # restarts of the same job left later results
             number += 1
         if number > attempt.number:
             attempt = scheduler_restart(session, job, number, ACTOR, "requeued by the scheduler")
@@ -322,8 +355,8 @@ class Reconciler:
         kind = handler(job.kind)
         kind.running(self.ctx, session, job, attempt.number)
         result = read_result(folder, attempt.number)
-        outcome = result.get("status") if result else None
-        reason = str(result["reason"]) if result and result.get("reason") else None
+        outcome = result.status if result else None
+        reason = result.reason if result else None
         if outcome == "completed" and poll.state == JobState.COMPLETED:
             assert result is not None
             succeeded, why = kind.completed(self.ctx, session, job, attempt.number, result)
@@ -346,6 +379,8 @@ class Reconciler:
             why = reason or poll.reason or f"job {poll.state.value}"
             if result is None and poll.state == JobState.COMPLETED:
                 why = "job exited 0 without a result file"
+            elif result is None:
+                why += full_disk(folder)
             attempt.exit_reason = why
             retry = kind.retry_failure(job)
             if retry is not None:

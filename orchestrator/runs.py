@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from orchestrator.db.models import Checkpoint, Job, Run
+from orchestrator.db.models import Checkpoint, Experiment, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import plan_final, plan_for_checkpoint
-from orchestrator.experiments import get_experiment, get_or_create_experiment
-from orchestrator.jobs.files import JobFile
+from orchestrator.experiments import get_or_create_experiment
+from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
 from orchestrator.jobs.kinds import Context
 from orchestrator.jobs.records import get_job, record_event
 from orchestrator.jobs.train import train_dir
@@ -27,8 +28,9 @@ from orchestrator.lifecycle import RUN, Status
 from orchestrator.pages import page, page_after
 from orchestrator.schemas import JobReport, RunCreate
 from orchestrator.settings import Settings
+from orchestrator.strict import Count, FilePath
 from trainer.config import TrainConfig
-from trainer.files import LATEST
+from trainer.files import LATEST, sha256_file
 from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
 
 
@@ -98,8 +100,8 @@ def list_runs(
     query = select(Run).options(selectinload(Run.attempts), selectinload(Run.experiment))
     if status:
         query = query.where(Run.status.in_([s.value for s in status]))
-    if experiment:
-        query = query.where(Run.experiment_id == get_experiment(session, experiment).id)
+    if experiment:  # a filter: an experiment that does not exist has no runs
+        query = query.join(Experiment, Run.experiment_id == Experiment.id).where(Experiment.name == experiment)
     query = page_after(query, Run.created_at, Run.id, page_token, uuid.UUID).limit(page_size + 1)
     return page(list(session.scalars(query)), page_size)
 
@@ -150,36 +152,63 @@ def record_checkpoint(
     return checkpoint
 
 
+def verified_checkpoint(run: Run, path: str, sha256: str) -> Path | None:
+    """The checkpoint file if it lies in the run's folder and holds exactly `sha256`; None if it is gone or
+    has been rewritten since (checkpoint.pth is, every epoch). A path outside the folder is a JobFileError."""
+    found = confined(Path(run.folder), path)
+    if not found.is_file():
+        return None
+    return found if sha256_file(found) == sha256 else None
+
+
 def ingest_checkpoints(session: Session, settings: Settings, run: Run, attempt: int, actor: str) -> None:
-    """Checkpoints the trainer logged (catches up on reports lost while the service was down)."""
+    """Checkpoints the trainer logged (catches up on reports lost while the service was down): the latest
+    entry per file, recorded when the file still holds what the log says."""
     log_file = Path(run.output_dir) / "log.jsonl"
     if not log_file.exists():
         return
-    known = {(c.path, c.sha256) for c in run.checkpoints}
-    for line in log_file.read_text().splitlines():
+    latest: dict[str, dict[str, Any]] = {}
+    for line in log_file.read_text(errors="replace").splitlines():
         if '"checkpoint"' not in line:
             continue
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line being written right now
-        if record.get("event") != "checkpoint" or not record.get("sha256"):
-            continue
-        if (record["path"], record["sha256"]) in known:
+        if isinstance(record, dict) and record.get("event") == "checkpoint" and isinstance(record.get("path"), str):
+            latest[record["path"]] = record
+    known = {(c.path, c.sha256) for c in run.checkpoints}
+    for path, record in latest.items():
+        try:
+            entry = CheckpointEntry.model_validate(record)
+        except ValidationError as exc:
+            raise JobFileError(f"log.jsonl: invalid checkpoint entry: {str(exc).splitlines()[0][:200]}") from exc
+        if (path, entry.sha256) in known or verified_checkpoint(run, path, entry.sha256) is None:
             continue
         record_checkpoint(
             session,
             settings,
             run,
             attempt=attempt,
-            path=record["path"],
-            epoch=int(record["epoch"]),
-            step=int(record["iteration"]),
-            sha256=record["sha256"],
-            kind=record.get("kind", "epoch"),
+            path=path,
+            epoch=entry.epoch,
+            step=entry.iteration,
+            sha256=entry.sha256,
+            kind=entry.kind,
             actor=actor,
         )
-        known.add((record["path"], record["sha256"]))
+
+
+class CheckpointEntry(BaseModel):
+    """A checkpoint line of the trainer's log.jsonl, as the service trusts it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: FilePath
+    epoch: Count
+    iteration: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["epoch", "periodic", "step", "interrupt"] = "epoch"
 
 
 class TrainKind:
@@ -206,15 +235,13 @@ class TrainKind:
         assert isinstance(job, Run)
         ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
 
-    def completed(
-        self, ctx: Context, session: Session, job: Job, attempt: int, result: dict[str, Any]
-    ) -> tuple[bool, str]:
+    def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Run)
         ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
-        final = Path(str(result.get("checkpoint") or Path(job.output_dir) / LATEST))
+        final = confined(Path(job.folder), result.checkpoint or Path(job.output_dir) / LATEST)
         if not final.exists():
             return False, "job reported completion but its final checkpoint is missing"
-        job.progress = {**job.progress, "iteration": result.get("iteration")}
+        job.progress = {**job.progress, "iteration": result.iteration}
         if job.experiment.eval_policy.get("benchmarks"):
             plan_final(session, ctx.settings, job)
         return True, "training completed"
@@ -231,6 +258,14 @@ class TrainKind:
         elif report.kind == "checkpoint":
             if report.path is None or report.sha256 is None or report.epoch is None or report.iteration is None:
                 raise InvalidInputError("a checkpoint report needs path, sha256, epoch and iteration", field="path")
+            try:
+                found = verified_checkpoint(job, report.path, report.sha256)
+            except JobFileError as exc:
+                raise InvalidInputError(str(exc), field="path") from exc
+            if found is None:
+                raise InvalidInputError(
+                    f"{report.path} does not exist or does not hold sha256 {report.sha256[:12]}", field="sha256"
+                )
             record_checkpoint(
                 session,
                 ctx.settings,

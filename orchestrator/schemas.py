@@ -7,52 +7,80 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evaluator.config import BenchmarkName
+from evaluator.config import BenchmarkName, ConfigName
 from orchestrator.launchers import LauncherName
 from orchestrator.launchers.base import Resources
 from orchestrator.lifecycle import Status
+from orchestrator.strict import (
+    Count,
+    ExperimentName,
+    FilePath,
+    FiniteFloat,
+    Host,
+    Integer,
+    MetricName,
+    Name,
+    Override,
+    Prose,
+    Reason,
+    SchedulerJobId,
+    strict_keys,
+)
 from trainer.config import TrainConfig
+from trainer.presets import preset_names
+
+if TYPE_CHECKING:
+    PresetName = str
+else:  # the presets that ship with the service: a name from this list, never a path
+    PresetName = Literal[tuple(preset_names())]
 
 T = TypeVar("T")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields refused, no coercion (`false` is not 0, `"2"` is not 2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EvalSpec(_Strict):
     """One benchmark to run on a run's checkpoints."""
 
     benchmark: BenchmarkName
-    data: str = Field(min_length=1, description="Dataset root (Fashion-MNIST/ImageFolder, COCO or ADE20K layout).")
-    config: str = Field("tiny", description="Benchmark config: 'tiny' (CPU minutes) or 'full' (the paper's).")
-    overrides: list[str] = Field(default_factory=list, description="Dotted overrides of the benchmark config.")
-    every_n_epochs: int | None = Field(None, ge=1, description="Evaluate every N-th epoch's checkpoint.")
+    data: FilePath = Field(description="Dataset root (Fashion-MNIST/ImageFolder, COCO or ADE20K layout).")
+    config: ConfigName = Field("tiny", description="Benchmark config: 'tiny' (CPU minutes) or 'full' (the paper's).")
+    overrides: list[Override] = Field(
+        default_factory=list, max_length=100, description="Dotted overrides of the benchmark config."
+    )
+    every_n_epochs: Integer | None = Field(
+        None, ge=1, le=100_000, description="Evaluate every N-th epoch's checkpoint."
+    )
     final: bool = Field(True, description="Evaluate the final checkpoint when the run succeeds.")
     launcher: LauncherName | None = Field(None, description="Where evaluations run (default: the service default).")
     resources: Resources = Field(default_factory=Resources, description="Their own partition/QoS/GPUs.")
-    max_attempts: int = Field(2, ge=1, le=10, description="Attempts before an evaluation is failed.")
+    max_attempts: Integer = Field(2, ge=1, le=10, description="Attempts before an evaluation is failed.")
 
 
 class EvalPolicy(_Strict):
     """Which benchmarks run on which checkpoints of an experiment's runs."""
 
-    benchmarks: list[EvalSpec] = Field(default_factory=list)
+    benchmarks: list[EvalSpec] = Field(default_factory=list, max_length=50)
 
 
 class ExperimentCreate(_Strict):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/\-]*$")
-    description: str = Field("", max_length=10_000)
+    name: ExperimentName = Field(description="Letters, digits, `_.-`, and `/` between segments (`selfpatch/in1k`).")
+    description: Prose = ""
     eval_policy: EvalPolicy = Field(
         default_factory=EvalPolicy, description="Which benchmarks run on which checkpoints."
     )
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -71,7 +99,7 @@ class ExperimentCreate(_Strict):
 
 
 class ExperimentUpdate(_Strict):
-    description: str | None = Field(None, max_length=10_000)
+    description: Prose | None = None
     eval_policy: EvalPolicy | None = None
 
 
@@ -87,11 +115,13 @@ class ExperimentPublic(BaseModel):
 class RunCreate(_Strict):
     """A pretraining run to record and launch."""
 
-    experiment: str = Field("default", min_length=1, max_length=200, description="Experiment name (created if new).")
-    name: str | None = Field(None, max_length=200, description="Readable name; default <method>-<arch>-ep<E>-s<seed>.")
-    preset: str | None = Field(None, description="A configs/ preset the config and overrides start from.")
+    experiment: ExperimentName = Field("default", description="Experiment name (created if new).")
+    name: Name | None = Field(None, description="Readable name; default <method>-<arch>-ep<E>-s<seed>.")
+    preset: PresetName | None = Field(None, description="A preset the service ships (configs/) to start from.")
     config: TrainConfig | None = Field(None, description="A complete config (alternative to preset + overrides).")
-    overrides: list[str] = Field(default_factory=list, description="Dotted key=value overrides, e.g. selfpatch.k=4.")
+    overrides: list[Override] = Field(
+        default_factory=list, max_length=200, description="Dotted key=value overrides, e.g. selfpatch.k=4."
+    )
     launcher: LauncherName | None = Field(
         None, description="Where it runs (local, slurm, ray, dryrun); default from settings."
     )
@@ -99,6 +129,7 @@ class RunCreate(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -182,40 +213,46 @@ class Page(BaseModel, Generic[T]):
     next_page_token: str | None
 
 
-class JobReport(_Strict):
-    """What a job tells the service about itself (authenticated with the job's own token)."""
+class JobReport(BaseModel):
+    """What a job tells the service about itself (authenticated with the job's own token).
+
+    Bounded in every field: a report is input from a process the service does not control. Fields of newer
+    job versions are ignored; the scheduler job id, when sent, must be the one the launcher recorded.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     kind: Literal["start", "heartbeat", "checkpoint", "end"]
-    attempt: int = Field(ge=1)
-    at: float | None = None
-    host: str | None = None
-    pid: int | None = None
-    job_id: str | None = None
-    iteration: int | None = None
-    total_iterations: int | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    path: str | None = None
-    epoch: int | None = None
+    attempt: Integer = Field(ge=1, le=100_000)
+    at: FiniteFloat | None = None
+    host: Host | None = None
+    pid: Integer | None = Field(None, ge=0, le=2**31)
+    job_id: SchedulerJobId | None = None
+    iteration: Count | None = None
+    total_iterations: Count | None = None
+    metrics: dict[MetricName, FiniteFloat] = Field(default_factory=dict, max_length=500, json_schema_extra=strict_keys)
+    path: FilePath | None = None
+    epoch: Count | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    checkpoint_kind: str | None = None
-    status: str | None = None
-    reason: str | None = None
-    model_config = ConfigDict(extra="ignore")  # jobs of newer versions may send more
+    checkpoint_kind: Literal["epoch", "periodic", "step", "interrupt"] | None = None
+    status: Literal["completed", "interrupted", "failed"] | None = None
+    reason: Reason | None = None
 
 
 class EvaluationCreate(_Strict):
     """Evaluate one checkpoint now (deduplicated: an identical evaluation is returned, not recomputed)."""
 
     benchmark: BenchmarkName
-    data: str = Field(min_length=1)
-    config: str = "tiny"
-    overrides: list[str] = Field(default_factory=list)
+    data: FilePath
+    config: ConfigName = "tiny"
+    overrides: list[Override] = Field(default_factory=list, max_length=100)
     launcher: LauncherName | None = None
     resources: Resources = Field(default_factory=Resources)
-    max_attempts: int = Field(2, ge=1, le=10)
+    max_attempts: Integer = Field(2, ge=1, le=10)
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"benchmark": "knn", "data": "data/fashion-mnist", "config": "tiny"}]},
     )
 

@@ -4,6 +4,7 @@ lifecycle actions, job reports and the OpenAPI document."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,19 +200,22 @@ def test_job_reports_need_the_runs_own_token_and_drive_the_lifecycle(client: Tes
     assert client.post(url, json=start, headers=auth(token)).status_code == 204
     shown = client.get(f"/api/v1/runs/{run['id']}", headers=auth()).json()
     assert shown["status"] == "running" and shown["attempts"][0]["host"] == "node-7"
+    path = Path(run["output_dir"]) / "checkpoint0000.pth"  # a checkpoint the job wrote in its own folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights of epoch 1")
     checkpoint = {
         "kind": "checkpoint",
         "attempt": 1,
-        "path": "/x/checkpoint0000.pth",
+        "path": str(path),
         "epoch": 1,
         "iteration": 50,
-        "sha256": "ab" * 32,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "checkpoint_kind": "epoch",
     }
     for _ in range(2):  # recorded once however often it is reported
         assert client.post(url, json=checkpoint, headers=auth(token)).status_code == 204
     rows = client.get(f"/api/v1/runs/{run['id']}/checkpoints", headers=auth()).json()
-    assert [(c["epoch"], c["step"], c["path"]) for c in rows] == [(1, 50, "/x/checkpoint0000.pth")]
+    assert [(c["epoch"], c["step"], c["path"]) for c in rows] == [(1, 50, str(path))]
     end = {"kind": "end", "attempt": 1, "status": "completed", "iteration": 100}
     assert client.post(url, json=end, headers=auth(token)).status_code == 204
     # a report alone never makes a run succeed: only the reconciler, once the scheduler says the job exited
@@ -268,9 +272,11 @@ def test_evaluations_are_jobs_over_rest_cancel_retry_reports_and_events(
     run = client.post("/api/v1/runs", json={**TINY, "launcher": "local"}, headers=auth()).json()
     reconciler.reconcile_once()
     run_token = job_token(settings.secret, run["id"])
-    path = tmp_path / "checkpoint0000.pth"
+    path = Path(run["output_dir"]) / "checkpoint0000.pth"
+    path.parent.mkdir(parents=True)
     path.write_bytes(b"weights")
-    report = {"kind": "checkpoint", "attempt": 1, "path": str(path), "epoch": 1, "iteration": 8, "sha256": "c" * 64}
+    sha = hashlib.sha256(b"weights").hexdigest()
+    report = {"kind": "checkpoint", "attempt": 1, "path": str(path), "epoch": 1, "iteration": 8, "sha256": sha}
     assert client.post(f"/api/v1/runs/{run['id']}/reports", json=report, headers=auth(run_token)).status_code == 204
     checkpoint = client.get(f"/api/v1/runs/{run['id']}/checkpoints", headers=auth()).json()[0]
     url = f"/api/v1/checkpoints/{checkpoint['id']}/evaluations"

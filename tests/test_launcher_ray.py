@@ -148,7 +148,12 @@ def test_the_real_worker_trains_a_micro_run_to_completion(tmp_path: Path, launch
         status = wait_for(lambda: ended(launcher, job_id), 600, "the run to end")
         assert status.state == JobState.COMPLETED, (status, launcher.logs(job_id))
         result = read_result(run_dir, 1)
-        assert result is not None and result["status"] == "completed"
-        assert result["iteration"] == epochs * ITERS_PER_EPOCH
-        assert Path(result["checkpoint"]).exists() and Path(result["manifest"]).exists()
+        assert result is not None and result.status == "completed"
+        assert result.iteration == epochs * ITERS_PER_EPOCH
+        assert (
+            result.checkpoint
+            and Path(result.checkpoint).exists()
+            and result.manifest
+            and Path(result.manifest).exists()
+        )
         assert {"start", "checkpoint", "end"} <= set(sink.kinds())

@@ -148,7 +148,8 @@ def test_a_run_goes_from_queued_to_succeeded_with_its_attempt_closed(h: Harness)
 def test_completion_without_the_final_checkpoint_or_result_file_is_never_a_success(h: Harness) -> None:
     missing, silent = h.submit(), h.submit()
     h.tick()
-    h.fake.finish(h.scheduler_id(missing), "completed", checkpoint="/nowhere/checkpoint.pth")
+    folder = Path(h.job(missing).folder)
+    h.fake.finish(h.scheduler_id(missing), "completed", checkpoint=str(folder / "train" / "checkpoint0001.pth"))
     h.fake.finish(h.scheduler_id(silent), None)  # exit 0, no result file
     h.tick()
     assert h.job(missing).status == "failed" and "final checkpoint is missing" in (h.job(missing).status_reason or "")
@@ -470,3 +471,37 @@ def test_job_files_hold_no_secret_readable_by_others(h: Harness) -> None:
     h.tick()
     path = Path(h.job(run_id).folder) / "job.json"
     assert path.stat().st_mode & 0o077 == 0 and json.loads(path.read_text())["token"]
+
+
+def test_files_a_job_leaves_cannot_point_outside_its_folder_or_break_the_pass(h: Harness, tmp_path: Path) -> None:
+    """A result or log naming files elsewhere, or a result file that is not one, fails that job alone."""
+    outside, corrupt, log_escape, healthy = h.submit(), h.submit(), h.submit(), h.submit()
+    h.tick()
+    h.fake.finish(h.scheduler_id(outside), "completed", checkpoint="/etc/passwd")
+    h.fake.start(h.scheduler_id(corrupt))
+    h.fake.start(h.scheduler_id(log_escape))
+    h.fake.start(h.scheduler_id(healthy))
+    h.tick()
+    h.fake.finish(h.scheduler_id(corrupt), None)  # exits 0 and leaves a result file that is not one:
+    folder = Path(h.job(corrupt).folder)
+    (folder / "result-1.json").write_text('{"status": "completed", "metrics": {"x": "NaN"}, "iteration": -1}')
+    secret = tmp_path / "elsewhere.pth"
+    secret.write_bytes(b"not yours")
+    link = Path(h.job(log_escape).folder) / "train" / "checkpoint0000.pth"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(secret)  # inside the folder by name, outside once resolved
+    entry = {"event": "checkpoint", "path": str(link), "epoch": 1, "iteration": 8, "sha256": "d" * 64}
+    (link.parent / "log.jsonl").write_text(json.dumps(entry) + "\n")
+    stats = h.reconciler.reconcile_once()
+    assert not stats.errors, stats.errors  # no job's file breaks the pass
+    for job_id, why in (
+        (outside, "'/etc/passwd' is outside the job's folder"),
+        (corrupt, "result-1.json is not a valid result file"),
+        (log_escape, "is outside the job's folder"),
+    ):
+        job = h.job(job_id)
+        assert job.status == "failed" and why in (job.status_reason or ""), (job.status, job.status_reason)
+    assert h.fake.cancelled == [h.scheduler_id(log_escape)]  # a job still running is stopped first
+    assert h.job(healthy).status == "running"
+    with h.db.sessions() as session:
+        assert session.scalars(select(Checkpoint)).all() == []

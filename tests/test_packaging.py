@@ -32,8 +32,10 @@ def test_a_wheel_in_a_fresh_venv_serves_a_preset_dry_run(tmp_path: Path) -> None
     env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what the venv itself finds
     installed = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        env=clean,
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,11 +48,12 @@ def test_a_wheel_in_a_fresh_venv_serves_a_preset_dry_run(tmp_path: Path) -> None
     where = subprocess.run(
         [str(python), "-c", "import trainer, api, orchestrator; print(trainer.__file__, api.__file__)"],
         cwd=tmp_path,
+        env=clean,
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    assert str(REPO) not in where and str(fresh_site) in where, where
+    )
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert str(REPO) not in where.stdout and str(fresh_site) in where.stdout, where.stdout
 
     port = free_port()
     token = "wheel-admin-token"

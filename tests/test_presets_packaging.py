@@ -27,7 +27,7 @@ def test_every_preset_resolves_through_the_installed_package() -> None:
 
 def test_a_yaml_path_still_works_and_unknown_names_list_the_presets(tmp_path: Path) -> None:
     mine = tmp_path / "mine.yaml"
-    mine.write_text("_base_: " + str(resolve_preset("tiny_cpu")) + "\nseed: 7\n")
+    mine.write_text("_base_: tiny_cpu\nseed: 7\n")  # extends a preset by name
     assert resolve_preset(mine) == mine and load_config(mine).seed == 7
     assert resolve_preset(REPO / "configs" / "tiny_cpu.yaml") == REPO / "configs" / "tiny_cpu.yaml"
     with pytest.raises(ConfigError, match="tiny_cpu"):

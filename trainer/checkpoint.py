@@ -34,7 +34,24 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write atomically; a failed write (a full disk) leaves the previous file intact and says why."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:
+        cause = root_os_error(exc)  # torch reports a full disk as "unexpected pos": the OSError is its context
+        raise CheckpointError(f"could not write checkpoint {path.name}: {cause or exc}") from exc
+
+
+def root_os_error(exc: BaseException) -> OSError | None:
+    """The operating-system error behind an exception, if any (through __cause__ and __context__)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def link_latest(source: Path, latest: Path) -> None:

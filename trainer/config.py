@@ -11,9 +11,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Method = Literal["dino", "selfpatch"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -47,19 +56,64 @@ def arch_for_width(width: int) -> str | None:
     return next((name for name, spec in ARCHS.items() if spec.width == width), None)
 
 
+def _json_integer(value: Any) -> Any:
+    """What JSON Schema calls an integer: 3 or 3.0, never true, "3" or 3.5 (validation is strict otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("Input should be a valid integer")
+        return int(value)
+    return value
+
+
+#: An integer as JSON Schema means it (the config is validated strictly, which would refuse 3.0).
+Integer = Annotated[int, Field(strict=False), BeforeValidator(_json_integer)]
+
+#: Text with no control characters (no NUL, no newline): what a value may hold that reaches a log line,
+#: an MLflow tag or a path. Shared with the service's boundary types.
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$"
+OneLine = Annotated[str, StringConstraints(max_length=1000, pattern=ONE_LINE)]
+PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=ONE_LINE)]
+
+
+def strict_keys(schema: dict[str, Any]) -> None:
+    """JSON schema of a dict with constrained keys: pydantic states the key pattern as `patternProperties`,
+    which lets other keys through; say it as `propertyNames`, so the schema refuses what validation refuses."""
+    patterns = schema.pop("patternProperties", None)
+    if patterns and len(patterns) == 1:
+        ((pattern, values),) = patterns.items()
+        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": pattern}
+        schema["additionalProperties"] = values
+
+
+def _printable_path(value: Path) -> Path:
+    text = str(value)
+    if len(text) > 4096 or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError("a path must be at most 4096 characters with no control characters")
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every section: unknown keys refused, assignments validated, no NaN or infinity, no coercion (`"2"` is
+    not an int, `false` is not 0: JSON, YAML and overrides already give native types; tuples and paths,
+    which they give as lists and strings, say `strict=False`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelConfig(_Section):
     arch: ArchName = Field("vit_small", description="ViT size (DINO names). SelfPatch's README trains vit_small.")
-    patch_size: int = Field(16, ge=1, le=64, description="Patch side in pixels (16 or 8 in the papers).")
-    img_size: int | None = Field(
-        None, ge=8, description="Image side the positional embedding is learned for; default: crops.global_size."
+    patch_size: Integer = Field(16, ge=1, le=64, description="Patch side in pixels (16 or 8 in the papers).")
+    img_size: Integer | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Image side the positional embedding is learned for; default: crops.global_size.",
     )
-    embed_dim: int | None = Field(None, ge=8, description="Override the arch's width (tiny CPU presets).")
-    depth: int | None = Field(None, ge=1, le=48, description="Override the arch's number of blocks.")
-    num_heads: int | None = Field(None, ge=1, description="Override the arch's number of attention heads.")
+    embed_dim: Integer | None = Field(None, ge=8, le=8192, description="Override the arch's width (tiny CPU presets).")
+    depth: Integer | None = Field(None, ge=1, le=48, description="Override the arch's number of blocks.")
+    num_heads: Integer | None = Field(None, ge=1, le=128, description="Override the arch's number of attention heads.")
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth of the student (teacher: 0).")
     pos_embed_interp: Literal["dino", "timm"] = Field(
         "dino",
@@ -82,26 +136,30 @@ class ModelConfig(_Section):
 
 
 class HeadConfig(_Section):
-    out_dim: int = Field(65536, ge=2, description="Output size K of the image-level (DINO) head.")
-    hidden_dim: int = Field(2048, ge=1, description="Hidden width of the projection MLPs.")
-    bottleneck_dim: int = Field(256, ge=1, description="Bottleneck width before the weight-normed last layer.")
-    nlayers: int = Field(3, ge=1, le=8, description="Linear layers in the MLP before the bottleneck.")
+    out_dim: Integer = Field(65536, ge=2, le=262_144, description="Output size K of the image-level (DINO) head.")
+    hidden_dim: Integer = Field(2048, ge=1, le=65_536, description="Hidden width of the projection MLPs.")
+    bottleneck_dim: Integer = Field(
+        256, ge=1, le=65_536, description="Bottleneck width before the weight-normed last layer."
+    )
+    nlayers: Integer = Field(3, ge=1, le=8, description="Linear layers in the MLP before the bottleneck.")
     norm_last_layer: bool = Field(
         True, description="Freeze the weight-norm gain of the last layer (cosine layer). Official default: true."
     )
 
 
 class SelfPatchConfig(_Section):
-    k: int = Field(4, ge=1, description="Positives per patch: the top-k most similar neighbours (--k_num).")
-    window: int = Field(3, ge=3, le=15, description="Neighbourhood window side (official: 3, hard-coded).")
+    k: Integer = Field(4, ge=1, le=224, description="Positives per patch: the top-k most similar neighbours (--k_num).")
+    window: Integer = Field(3, ge=3, le=15, description="Neighbourhood window side (official: 3, hard-coded).")
     border: Literal["wrap", "valid"] = Field(
         "wrap",
         description="'wrap': neighbours wrap around the grid like the official code (torus); "
         "'valid': only in-grid neighbours, the rest masked (deviation).",
     )
-    num_blocks: int = Field(2, ge=1, le=8, description="Class-attention blocks in the aggregation module.")
-    out_dim: int = Field(4096, ge=2, description="Output size of the patch head (--out_dim_selfpatch).")
-    loss_weight: float = Field(0.1, ge=0.0, description="lambda in L = L_cls + lambda * L_patch (official: 0.1).")
+    num_blocks: Integer = Field(2, ge=1, le=8, description="Class-attention blocks in the aggregation module.")
+    out_dim: Integer = Field(4096, ge=2, le=262_144, description="Output size of the patch head (--out_dim_selfpatch).")
+    loss_weight: float = Field(
+        0.1, ge=0.0, le=1000.0, description="lambda in L = L_cls + lambda * L_patch (official: 0.1)."
+    )
     teacher_all_crops: bool = Field(
         True,
         description="Teacher runs on all crops, its local-crop outputs feed both centers and the patch loss "
@@ -126,18 +184,23 @@ class SelfPatchConfig(_Section):
 
 
 class CropsConfig(_Section):
-    global_size: int = Field(224, ge=8, description="Side of the 2 global crops.")
+    global_size: Integer = Field(224, ge=8, le=4096, description="Side of the 2 global crops.")
     global_scale: tuple[float, float] = Field(
-        (0.25, 1.0), description="RandomResizedCrop scale of global crops (SelfPatch: 0.25-1; DINO: 0.4-1)."
+        (0.25, 1.0),
+        strict=False,
+        description="RandomResizedCrop scale of global crops (SelfPatch: 0.25-1; DINO: 0.4-1).",
     )
-    local_number: int = Field(8, ge=0, le=32, description="Number of local crops (0 disables multi-crop).")
-    local_size: int = Field(96, ge=8, description="Side of the local crops.")
+    local_number: Integer = Field(8, ge=0, le=32, description="Number of local crops (0 disables multi-crop).")
+    local_size: Integer = Field(96, ge=8, le=4096, description="Side of the local crops.")
     local_scale: tuple[float, float] = Field(
-        (0.05, 0.25), description="RandomResizedCrop scale of local crops (SelfPatch: 0.05-0.25; DINO: 0.05-0.4)."
+        (0.05, 0.25),
+        strict=False,
+        description="RandomResizedCrop scale of local crops (SelfPatch: 0.05-0.25; DINO: 0.05-0.4).",
     )
 
     blur_radius: tuple[float, float] = Field(
         (0.1, 2.0),
+        strict=False,
         description="Gaussian-blur radius range in pixels (official: 0.1-2.0, set for 224-px crops). Smaller "
         "crops may scale it down (deviation).",
     )
@@ -163,24 +226,28 @@ class CropsConfig(_Section):
 
 
 class LossConfig(_Section):
-    student_temp: float = Field(0.1, gt=0.0, description="Student softmax temperature.")
+    student_temp: float = Field(0.1, gt=0.0, le=100.0, description="Student softmax temperature.")
     teacher_temp: float = Field(0.04, gt=0.0, le=1.0, description="Teacher temperature after warm-up.")
     warmup_teacher_temp: float = Field(0.04, gt=0.0, le=1.0, description="Teacher temperature at epoch 0.")
-    warmup_teacher_temp_epochs: int = Field(0, ge=0, description="Epochs of linear teacher-temperature warm-up.")
+    warmup_teacher_temp_epochs: Integer = Field(
+        0, ge=0, le=100_000, description="Epochs of linear teacher-temperature warm-up."
+    )
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA momentum of both centers.")
 
 
 class OptimConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW for ViTs (official default).")
-    epochs: int = Field(100, ge=1, description="Training epochs; every schedule spans them.")
-    batch_size_per_gpu: int = Field(64, ge=1, description="Images per process and step.")
-    lr: float = Field(5e-4, gt=0.0, description="Peak lr for a total batch of 256; scaled linearly.")
-    min_lr: float = Field(1e-6, ge=0.0, description="Final lr of the cosine schedule.")
-    warmup_epochs: int = Field(10, ge=0, description="Epochs of linear lr warm-up from 0.")
-    weight_decay: float = Field(0.04, ge=0.0, description="Initial weight decay (cosine schedule).")
-    weight_decay_end: float = Field(0.4, ge=0.0, description="Final weight decay.")
-    clip_grad: float = Field(3.0, ge=0.0, description="Per-tensor gradient-norm clip; 0 disables.")
-    freeze_last_layer: int = Field(1, ge=0, description="Epochs during which the heads' last layers get no update.")
+    epochs: Integer = Field(100, ge=1, le=100_000, description="Training epochs; every schedule spans them.")
+    batch_size_per_gpu: Integer = Field(64, ge=1, le=65_536, description="Images per process and step.")
+    lr: float = Field(5e-4, gt=0.0, le=100.0, description="Peak lr for a total batch of 256; scaled linearly.")
+    min_lr: float = Field(1e-6, ge=0.0, le=100.0, description="Final lr of the cosine schedule.")
+    warmup_epochs: Integer = Field(10, ge=0, le=100_000, description="Epochs of linear lr warm-up from 0.")
+    weight_decay: float = Field(0.04, ge=0.0, le=100.0, description="Initial weight decay (cosine schedule).")
+    weight_decay_end: float = Field(0.4, ge=0.0, le=100.0, description="Final weight decay.")
+    clip_grad: float = Field(3.0, ge=0.0, le=1e6, description="Per-tensor gradient-norm clip; 0 disables.")
+    freeze_last_layer: Integer = Field(
+        1, ge=0, le=100_000, description="Epochs during which the heads' last layers get no update."
+    )
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="Base EMA momentum (cosine to 1).")
 
     @model_validator(mode="after")
@@ -194,31 +261,62 @@ class DataConfig(_Section):
     dataset: Literal["imagefolder", "fashion_mnist"] = Field(
         "imagefolder", description="'imagefolder': ImageNet layout (class folders); 'fashion_mnist': idx files."
     )
-    path: Path = Field(Path("data/imagenet/train"), description="Dataset root.")
+    path: Path = Field(Path("data/imagenet/train"), strict=False, description="Dataset root.")
+
+    @field_validator("path")
+    @classmethod
+    def _printable(cls, value: Path) -> Path:
+        return _printable_path(value)
+
     split: Literal["train", "test"] = Field("train", description="Fashion-MNIST split (ignored for imagefolder).")
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N images (quick runs).")
-    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per training process.")
+    max_samples: Integer | None = Field(None, ge=1, le=10**10, description="Use only the first N images (quick runs).")
+    num_workers: Integer = Field(4, ge=0, le=256, description="DataLoader worker processes per training process.")
 
 
 class CheckpointConfig(_Section):
-    output_dir: Path = Field(Path("outputs/run"), description="Checkpoints, logs and exports go here.")
-    saveckp_freq: int = Field(10, ge=0, description="Keep checkpointNNNN.pth every N epochs; 0 disables.")
-    every_n_steps: int | None = Field(
-        None, ge=1, description="Also refresh checkpoint.pth every N steps (long epochs on preemptible nodes)."
+    output_dir: Path = Field(Path("outputs/run"), strict=False, description="Checkpoints, logs and exports go here.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _printable(cls, value: Path) -> Path:
+        return _printable_path(value)
+
+    saveckp_freq: Integer = Field(
+        10, ge=0, le=100_000, description="Keep checkpointNNNN.pth every N epochs; 0 disables."
+    )
+    every_n_steps: Integer | None = Field(
+        None,
+        ge=1,
+        le=10**12,
+        description="Also refresh checkpoint.pth every N steps (long epochs on preemptible nodes).",
     )
     resume: bool = Field(True, description="Resume automatically from output_dir/checkpoint.pth if present.")
 
 
 class LoggingConfig(_Section):
     mlflow: bool = Field(True, description="Log params, metrics and artifacts to MLflow (rank 0).")
-    tracking_uri: str | None = Field(
+    tracking_uri: PathText | None = Field(
         None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a local folder ./mlruns."
     )
-    experiment: str = Field("selfpatch", description="MLflow experiment name.")
-    run_name: str | None = Field(None, description="MLflow run name; default <method>-<arch>-ep<E>-s<seed>.")
-    run_id: str | None = Field(None, description="Continue this MLflow run (requeued attempts).")
-    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
-    log_every: int = Field(10, ge=1, description="Log step metrics every N steps.")
+    experiment: Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=ONE_LINE)] = Field(
+        "selfpatch", description="MLflow experiment name."
+    )
+    run_name: Annotated[str, StringConstraints(max_length=250, pattern=ONE_LINE)] | None = Field(
+        None, description="MLflow run name; default <method>-<arch>-ep<E>-s<seed>."
+    )
+    run_id: Annotated[str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9_\-]*$")] | None = Field(
+        None, description="Continue this MLflow run (requeued attempts)."
+    )
+    tags: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=ONE_LINE)],
+        Annotated[str, StringConstraints(max_length=5000, pattern=ONE_LINE)],
+    ] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="Extra MLflow tags (MLflow's own size limits).",
+        json_schema_extra=strict_keys,
+    )
+    log_every: Integer = Field(10, ge=1, le=10**6, description="Log step metrics every N steps.")
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar: auto = when on a terminal.")
 
 
@@ -230,13 +328,15 @@ class TrainConfig(_Section):
     """A complete, validated pretraining run."""
 
     method: Method = Field("selfpatch", description="'dino' or 'selfpatch' (DINO + SelfPatch patch loss).")
-    seed: int = Field(0, ge=0, description="Seeds model init, sampling, augmentation and stochastic depth.")
+    seed: Integer = Field(
+        0, ge=0, le=2**31 - 1, description="Seeds model init, sampling, augmentation and stochastic depth."
+    )
     precision: Precision = Field(
         "auto", description="auto = fp16 with GradScaler on CUDA (official use_fp16), fp32 on CPU; bf16 anywhere."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
-    stop_at_step: int | None = Field(
-        None, ge=1, description="Checkpoint and stop after this global step, as a preemption would."
+    stop_at_step: Integer | None = Field(
+        None, ge=1, le=10**12, description="Checkpoint and stop after this global step, as a preemption would."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

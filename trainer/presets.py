@@ -39,6 +39,10 @@ _Yaml12ishLoader.yaml_implicit_resolvers = {
 _Yaml12ishLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# YAML 1.2 floats without a dot (`optim.lr=5e-4`), which YAML 1.1 reads as strings
+_Yaml12ishLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_yaml(text: str) -> Any:
@@ -65,6 +69,18 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
+#: What a preset is called: a file name in the presets folder, or one in a subfolder (`sweeps/k_ablation`).
+PRESET_NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)?$")
+
+
+def preset_path(name: str) -> Path:
+    """A preset of the registry by name, never an arbitrary path (what the service accepts from users)."""
+    candidate = preset_dir() / f"{name}.yaml"
+    if PRESET_NAME.match(name) is None or not candidate.is_file():
+        raise ConfigError(f"no preset named {name!r}; presets: {', '.join(preset_names())}", field="preset")
+    return candidate
+
+
 def resolve_preset(name_or_path: str | Path) -> Path:
     """A preset name (`tiny_cpu`), a file in the presets (`sweeps/x.yaml`) or a path to a YAML file."""
     path = Path(name_or_path)
@@ -78,19 +94,23 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Load a YAML preset, following its optional `_base_` (a sibling preset it extends)."""
+def read_yaml(path: Path, _depth: int = 0) -> dict[str, Any]:
+    """Load a YAML preset, following its optional `_base_`: the name of a file next to it, or of a preset of
+    the registry, that it extends (never a path: a config cannot make anything read files elsewhere)."""
     try:
         data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path.name}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path.name}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("_base_", None)
     if base is None:
         return data
-    merged = read_yaml(resolve_preset(path.parent / base if not Path(base).is_absolute() else base))
-    return deep_merge(merged, data)
+    name = str(base).removesuffix(".yaml").removesuffix(".yml")
+    if PRESET_NAME.match(name) is None or "/" in name or _depth >= 8:
+        raise ConfigError(f"{path.name}: _base_ must name a preset (at most 8 deep), not {str(base)[:100]!r}")
+    sibling = path.parent / f"{name}.yaml"
+    return deep_merge(read_yaml(sibling if sibling.is_file() else preset_path(name), _depth + 1), data)
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,6 +166,8 @@ def apply_overrides(
             value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        except (ValueError, RecursionError) as exc:  # 5,000-digit numbers, 5,000-deep nesting
+            raise ConfigError(f"override {key}: value cannot be parsed ({type(exc).__name__})", field=key) from exc
         node = out
         for part in path[:-1]:
             child = node.get(part)

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import Admin, Reader, SessionDep, StateDep
+from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
 from api.routes.jobs import add_job_routes, attempts_of
-from api.routes.runs import IdempotencyKey
+from evaluator.config import BenchmarkName
 from orchestrator.db.models import Evaluation
 from orchestrator.errors import InvalidInputError
 from orchestrator.evaluations import compare, error_of, get_checkpoint, get_evaluation, request, retry_evaluation
@@ -30,7 +30,7 @@ from orchestrator.schemas import (
 )
 
 router = APIRouter(tags=["evaluations"])
-jobs_router = APIRouter(prefix="/evaluations", tags=["evaluations"])
+jobs_router = APIRouter(prefix="/evaluations")
 
 
 def evaluation_public(evaluation: Evaluation) -> EvaluationPublic:
@@ -75,10 +75,10 @@ def list_(
     session: SessionDep,
     _: Reader,
     run_id: uuid.UUID | None = None,
-    benchmark: str | None = None,
+    benchmark: BenchmarkName | None = None,
     status: Status | None = None,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: str | None = None,
+    page_token: PageToken = None,
 ) -> Page[EvaluationPublic]:
     query = select(Evaluation)
     if run_id is not None:
@@ -156,7 +156,9 @@ def of_checkpoint(checkpoint_id: str, session: SessionDep, _: Reader) -> list[Ev
     response_model=EvaluationPublic,
     status_code=202,
     summary="Evaluate a checkpoint (200 with the existing record if this exact evaluation is live)",
-    responses={200: {"description": "Already evaluated or under way: nothing new is computed"}},
+    responses={
+        200: {"model": EvaluationPublic, "description": "Already evaluated or under way: nothing new is computed"}
+    },
 )
 def create(
     checkpoint_id: str,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api.deps import Admin, Reader, SessionDep, StateDep
+from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
 from orchestrator.db.models import Experiment
 from orchestrator.experiments import create_experiment, get_experiment, update_experiment
@@ -29,7 +29,7 @@ def create(
     state: StateDep,
     principal: Admin,
     request: Request,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     def work(session: Any) -> tuple[int, dict[str, Any]]:
         data: dict[str, Any] = experiment_public(create_experiment(session, body)).model_dump(mode="json")
@@ -43,7 +43,7 @@ def list_(
     session: SessionDep,
     _: Reader,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: str | None = None,
+    page_token: PageToken = None,
 ) -> Page[ExperimentPublic]:
     query = page_after(select(Experiment), Experiment.created_at, Experiment.id, page_token, uuid.UUID)
     rows, token = page(list(session.scalars(query.limit(page_size + 1))), page_size)

@@ -6,21 +6,22 @@ route parameters of the functions the factory defines, whose path-parameter type
 """
 
 import contextlib
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import Admin, AppState, JobToken, Reader, SessionDep, StateDep
+from api.deps import Admin, AppState, JobCaller, PageToken, Reader, SessionDep, StateDep
 from orchestrator.db.models import Event, Job
-from orchestrator.errors import InvalidInputError, NotFoundError
-from orchestrator.jobs.files import job_token_matches
+from orchestrator.errors import NotFoundError, ReportRefusedError
 from orchestrator.jobs.kinds import KINDS, Context
-from orchestrator.jobs.records import apply_report, cancel, get_job, parse_uuid
+from orchestrator.jobs.records import apply_report, cancel, get_job, record_event
 from orchestrator.launchers.base import LauncherError
+from orchestrator.pages import decode_sequence
 from orchestrator.schemas import AttemptPublic, EventPublic, JobReport, Page
 
 J = TypeVar("J", bound=Job)
@@ -34,9 +35,7 @@ def attempts_of(job: Job) -> list[AttemptPublic]:
 def events_of(session: Session, job: Job, page_size: int, page_token: str | None) -> Page[EventPublic]:
     query = select(Event).where(Event.job_id == job.id)
     if page_token:
-        if not page_token.isdigit():
-            raise InvalidInputError("page_token is not a token this service issued", field="page_token")
-        query = query.where(Event.id > int(page_token))
+        query = query.where(Event.id > decode_sequence(page_token))
     rows = list(session.scalars(query.order_by(Event.id).limit(page_size + 1)))
     more = len(rows) > page_size
     rows = rows[:page_size]
@@ -71,13 +70,16 @@ def cancel_job(state: AppState, model: type[J], ident: str, what: str, actor: st
     return result
 
 
-def accept_report(state: AppState, model: type[J], ident: str, what: str, body: JobReport, token: str) -> None:
-    job_id = parse_uuid(ident, what)
-    if not job_token_matches(state.settings.secret, job_id, token):
-        raise HTTPException(401, f"not this {what}'s token", headers={"WWW-Authenticate": "Bearer"})
-    with state.db.transaction() as session:
-        job = get_job(session, model, job_id, what, lock=True)
-        apply_report(Context(state.settings, state.mlflow), session, job, body)
+def accept_report(state: AppState, model: type[J], job_id: uuid.UUID, what: str, body: JobReport) -> None:
+    try:
+        with state.db.transaction() as session:
+            job = get_job(session, model, job_id, what, lock=True)
+            apply_report(Context(state.settings, state.mlflow), session, job, body)
+    except ReportRefusedError as exc:
+        with state.db.transaction() as session:
+            job = get_job(session, model, job_id, what, lock=True)
+            record_event(session, job, "report_refused", f"job:attempt-{body.attempt}", exc.detail, report=body.kind)
+        raise
 
 
 def add_job_routes(
@@ -101,7 +103,7 @@ def add_job_routes(
         session: SessionDep,
         _: Reader,
         page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
-        page_token: str | None = None,
+        page_token: PageToken = None,
     ) -> Page[EventPublic]:
         return events_of(session, get_job(session, model, ident, what), page_size, page_token)
 
@@ -117,5 +119,5 @@ def add_job_routes(
         return job_logs(state, get_job(session, model, ident, what), tail, attempt)
 
     @router.post(f"{item}/reports", status_code=204, summary=f"Report from a {what}'s job (with its own token)")
-    def report(ident: ident_type, body: JobReport, state: StateDep, token: JobToken) -> None:
-        accept_report(state, model, ident, what, body, token)
+    def report(ident: ident_type, body: JobReport, state: StateDep, caller: JobCaller) -> None:
+        accept_report(state, model, caller, what, body)

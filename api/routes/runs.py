@@ -6,11 +6,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api.deps import Admin, Reader, SessionDep, StateDep
+from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
 from api.routes.jobs import add_job_routes, attempts_of
 from orchestrator.db.models import Checkpoint, Run
@@ -27,12 +27,9 @@ from orchestrator.schemas import (
     RunCreate,
     RunPublic,
 )
+from orchestrator.strict import ExperimentName
 
 router = APIRouter(prefix="/runs", tags=["runs"])
-IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="Repeat a POST safely: the same key replays the first reply."),
-]
 
 
 def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
@@ -70,12 +67,15 @@ def _dump(model: Any) -> dict[str, Any]:
 @router.post(
     "",
     status_code=202,
-    response_model=RunPublic | DryRun,
+    response_model=RunPublic,
     summary="Submit a pretraining run",
     description="Validates the config with the trainer's own classes, records the run as `queued` and returns "
     "202; the reconciler launches it. `dry_run=true` renders the submission (sbatch script, Ray spec or "
     "command line) and writes nothing.",
-    responses={202: {"description": "Accepted: the run, status queued"}, 422: {"description": "Invalid config"}},
+    responses={
+        202: {"description": "Accepted: the run, status queued"},
+        200: {"model": DryRun, "description": "dry_run=true: what would be submitted; nothing was written"},
+    },
 )
 def submit(
     body: RunCreate,
@@ -118,9 +118,9 @@ def list_(
     state: StateDep,
     _: Reader,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: str | None = None,
+    page_token: PageToken = None,
     status: Annotated[list[Status] | None, Query()] = None,
-    experiment: str | None = None,
+    experiment: ExperimentName | None = None,
 ) -> Page[RunPublic]:
     runs, token = list_runs(session, page_size=page_size, page_token=page_token, status=status, experiment=experiment)
     return Page[RunPublic](items=[run_public(r, state.mlflow) for r in runs], next_page_token=token)

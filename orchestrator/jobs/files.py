@@ -16,8 +16,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.strict import Count, FilePath, FiniteFloat, MetricName, Reason, strict_keys
 from trainer.files import atomic_write_text
 
 JOB_FILE = "job.json"
@@ -61,17 +64,59 @@ class JobFile:
         return f"{self.api_url.rstrip('/')}{self.report_path}"
 
 
+class JobFileError(ValueError):
+    """A file in a job's folder the service must not trust (malformed, or naming files outside the folder):
+    the job fails with this one-line reason; no other job is affected."""
+
+
+class JobResult(BaseModel):
+    """What `result-<attempt>.json` may say; anything else in it is ignored, anything malformed refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    status: Literal["completed", "interrupted", "failed"]
+    reason: Reason | None = None
+    iteration: Count | None = None
+    epoch: Count | None = None
+    checkpoint: FilePath | None = None
+    manifest: FilePath | None = None
+    metrics: dict[MetricName, FiniteFloat] = Field(
+        default_factory=dict, max_length=10_000, json_schema_extra=strict_keys
+    )
+    seconds: FiniteFloat | None = None
+    mlflow_run_id: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_\-]*$")
+    version: str | None = Field(None, max_length=32)
+    config_hash: str | None = Field(None, max_length=64)
+
+
 def result_path(folder: Path, attempt: int) -> Path:
     return Path(folder) / f"result-{attempt}.json"
 
 
-def read_result(folder: Path, attempt: int) -> dict[str, Any] | None:
-    """An attempt's result file, or None if it left none (or none that parses as an object)."""
+def read_result(folder: Path, attempt: int) -> JobResult | None:
+    """An attempt's result file, or None if it left none; JobFileError if it left one that is not valid."""
+    path = result_path(folder, attempt)
     try:
-        data = json.loads(result_path(folder, attempt).read_text())
-    except (OSError, ValueError):
+        if path.stat().st_size > 1 << 20:
+            raise JobFileError(f"{path.name} is larger than 1 MiB")
+        return JobResult.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValidationError) as exc:
+        first = str(exc).splitlines()[:2]
+        raise JobFileError(f"{path.name} is not a valid result file: {' '.join(first)[:300]}") from exc
+
+
+def confined(folder: Path, path: str | Path) -> Path:
+    """`path` resolved (symlinks followed), refused unless it lies inside the job's own folder."""
+    root = Path(folder).resolve()
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise JobFileError(f"path {str(path)[:200]!r} cannot be resolved: {exc}") from exc
+    if not resolved.is_relative_to(root):
+        raise JobFileError(f"path {str(path)[:200]!r} is outside the job's folder")
+    return resolved
 
 
 def write_result(folder: Path, attempt: int, status: str, **data: Any) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from orchestrator.jobs.files import JobFile, job_token
+from orchestrator.jobs.files import JobFile, JobResult, job_token
 from orchestrator.launchers.base import JobSpec, Resources
 from orchestrator.lifecycle import Lifecycle
 
@@ -84,9 +84,7 @@ class JobKind(Protocol):
         """Called on every pass while the job runs (e.g. record checkpoints from the job's own log)."""
         ...
 
-    def completed(
-        self, ctx: Context, session: Session, job: Job, attempt: int, result: dict[str, Any]
-    ) -> tuple[bool, str]:
+    def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         """The job exited 0 with a completed result: record it; (succeeded?, the reason to log)."""
         ...
 

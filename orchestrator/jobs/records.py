@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from orchestrator.db.models import Attempt, Event, Job, utcnow
-from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError
+from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError, ReportRefusedError
 from orchestrator.jobs.kinds import Context, handler
 from orchestrator.launchers.base import JobState, JobStatus
 from orchestrator.lifecycle import Status
@@ -162,6 +162,12 @@ def apply_report(ctx: Context, session: Session, job: Job, report: JobReport) ->
     elif report.attempt != attempt.number:
         raise InvalidInputError(
             f"attempt {report.attempt} is not the job's current attempt ({attempt.number})", field="attempt"
+        )
+    if report.job_id is not None and attempt.backend_job_id is not None and report.job_id != attempt.backend_job_id:
+        raise ReportRefusedError(  # scheduler ids come from the launcher's submission, never from a report
+            f"the report names scheduler job {report.job_id!r}; attempt {attempt.number} is job "
+            f"{attempt.backend_job_id!r}",
+            field="job_id",
         )
     job.last_heartbeat_at = utcnow()
     if report.kind == "start":

@@ -6,6 +6,7 @@ so every attempt (requeue after preemption, SLURM restart) continues where the l
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,16 @@ def job_config(job: JobFile, folder: Path, attempt: int) -> dict[str, Any]:
     return config
 
 
+def failed(folder: Path, attempt: int, reporter: Reporter, reason: str) -> None:
+    """Leave the failure's reason in the result file and report it; a full disk may refuse the file, and the
+    service then diagnoses the folder itself."""
+    reporter.send("end", status="failed", reason=reason)
+    try:
+        write_result(folder, attempt, "failed", reason=reason)
+    except OSError as exc:
+        print(f"orchestrator: result file not written ({exc}); the failure was: {reason}", file=sys.stderr)
+
+
 def run(job: JobFile, folder: Path, attempt: int) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.data.datasets import DatasetError
@@ -82,13 +93,11 @@ def run(job: JobFile, folder: Path, attempt: int) -> int:
         result = train(cfg, callbacks=[ReportingCallback(reporter)] if reporter else [])
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         if reporter:
-            write_result(folder, attempt, "failed", reason=f"{type(exc).__name__}: {exc}")
-            reporter.send("end", status="failed", reason=str(exc))
+            failed(folder, attempt, reporter, f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     except Exception as exc:
         if reporter:
-            write_result(folder, attempt, "failed", reason=f"{type(exc).__name__}: {exc}")
-            reporter.send("end", status="failed", reason=f"{type(exc).__name__}: {exc}")
+            failed(folder, attempt, reporter, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if reporter:

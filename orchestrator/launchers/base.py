@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from trainer.config import Integer
 
 
 class JobState(StrEnum):
@@ -29,7 +31,7 @@ class JobState(StrEnum):
 @dataclass(frozen=True)
 class JobStatus:
     state: JobState
-    exit_code: int | None = None
+    exit_code: Integer | None = None
     reason: str | None = None
     host: str | None = None
     started_at: datetime | None = None
@@ -37,59 +39,97 @@ class JobStatus:
     restarts: int = 0  # scheduler-side requeues of the same job id (SLURM)
 
 
-#: sbatch options a run may pass through `resources.extra`; anything else is refused.
-SLURM_EXTRA_WHITELIST = frozenset(
-    {
-        "constraint",
-        "exclude",
-        "nodelist",
-        "reservation",
-        "comment",
-        "mail_type",
-        "mail_user",
-        "exclusive",
-        "gres",
-        "signal",
-        "requeue",
-        "dependency",
-        "begin",
-        "nice",
-        "licenses",
-    }
-)
+#: SLURM names (partition, account, QoS, reservation): sbatch's own grammar, nothing a shell could read.
+SLURM_NAME = r"^[A-Za-z0-9_.\-]+$"
+_NODES = r"^[A-Za-z0-9_.,\[\]\-]+$"
+#: The sbatch options a run may pass through `resources.extra`, each with the grammar of its value; every
+#: other option is refused. Values land in `#SBATCH` lines: no newline, quote, `$`, backtick or `;` passes.
+SLURM_EXTRA: dict[str, str] = {
+    "constraint": r"^[A-Za-z0-9_.,&|()\[\]*:\-]+$",
+    "exclude": _NODES,
+    "nodelist": _NODES,
+    "reservation": SLURM_NAME,
+    "comment": r"^[^\x00-\x1f\x7f'\"\\$`;&|]*$",
+    "mail_type": r"^[A-Z_0-9,]+$",
+    "mail_user": r"^[A-Za-z0-9_.+\-]+@[A-Za-z0-9_.\-]+$",
+    "exclusive": r"^(|true|false|user|mcs|topo)$",
+    "gres": r"^[A-Za-z0-9_:,.\-]+$",
+    "signal": r"^(R:)?(SIG)?(USR1|USR2)(@[0-9]{1,5})?$",
+    "requeue": r"^(1|0|true|false|yes|no|on|off)$",
+    "dependency": r"^[A-Za-z0-9_:,?+\-]+$",
+    "begin": r"^[A-Za-z0-9_:+.\-]+$",
+    "nice": r"^-?[0-9]{1,5}$",
+    "licenses": r"^[A-Za-z0-9_:,@.\-]+$",
+}
+SLURM_EXTRA_WHITELIST = frozenset(SLURM_EXTRA)
+
+
+class SlurmExtra(BaseModel):
+    """Extra sbatch options (the whitelist of `SLURM_EXTRA`, each value checked against its grammar)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    constraint: Annotated[str, StringConstraints(max_length=200, pattern=SLURM_EXTRA["constraint"])] | None = None
+    exclude: Annotated[str, StringConstraints(max_length=1000, pattern=SLURM_EXTRA["exclude"])] | None = None
+    nodelist: Annotated[str, StringConstraints(max_length=1000, pattern=SLURM_EXTRA["nodelist"])] | None = None
+    reservation: Annotated[str, StringConstraints(max_length=100, pattern=SLURM_EXTRA["reservation"])] | None = None
+    comment: Annotated[str, StringConstraints(max_length=500, pattern=SLURM_EXTRA["comment"])] | None = None
+    mail_type: Annotated[str, StringConstraints(max_length=100, pattern=SLURM_EXTRA["mail_type"])] | None = None
+    mail_user: Annotated[str, StringConstraints(max_length=200, pattern=SLURM_EXTRA["mail_user"])] | None = None
+    exclusive: Annotated[str, StringConstraints(max_length=10, pattern=SLURM_EXTRA["exclusive"])] | None = None
+    gres: Annotated[str, StringConstraints(max_length=200, pattern=SLURM_EXTRA["gres"])] | None = None
+    signal: Annotated[str, StringConstraints(max_length=30, pattern=SLURM_EXTRA["signal"])] | None = None
+    requeue: Annotated[str, StringConstraints(max_length=10, pattern=SLURM_EXTRA["requeue"])] | None = None
+    dependency: Annotated[str, StringConstraints(max_length=500, pattern=SLURM_EXTRA["dependency"])] | None = None
+    begin: Annotated[str, StringConstraints(max_length=50, pattern=SLURM_EXTRA["begin"])] | None = None
+    nice: Annotated[str, StringConstraints(max_length=6, pattern=SLURM_EXTRA["nice"])] | None = None
+    licenses: Annotated[str, StringConstraints(max_length=200, pattern=SLURM_EXTRA["licenses"])] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whitelisted(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            bad = sorted(set(value) - SLURM_EXTRA_WHITELIST)
+            if bad:
+                raise ValueError(f"sbatch options not allowed: {', '.join(map(str, bad))[:200]}")
+        return value
+
+    def options(self) -> dict[str, str]:
+        """The options that are set, as sbatch names them."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class Resources(BaseModel):
     """What a run asks of its scheduler; each launcher maps it to its own terms."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
-    nodes: int = Field(1, ge=1, le=1024, description="Nodes (multi-node DDP on SLURM).")
-    gpus_per_node: int = Field(0, ge=0, le=16, description="GPUs per node; one training process per GPU.")
-    cpus_per_task: int = Field(2, ge=1, le=512, description="CPU cores per training process.")
+    nodes: Integer = Field(1, ge=1, le=1024, description="Nodes (multi-node DDP on SLURM).")
+    gpus_per_node: Integer = Field(0, ge=0, le=16, description="GPUs per node; one training process per GPU.")
+    cpus_per_task: Integer = Field(2, ge=1, le=512, description="CPU cores per training process.")
     mem_gb: float = Field(4.0, gt=0, le=4096, description="Memory per node in GiB.")
-    time_min: int = Field(60, ge=1, le=60 * 24 * 30, description="Wall-time limit in minutes.")
-    partition: str | None = Field(None, max_length=100, description="SLURM partition.")
-    account: str | None = Field(None, max_length=100, description="SLURM account.")
-    qos: str | None = Field(None, max_length=100, description="SLURM quality of service.")
-    extra: dict[str, str] = Field(
-        default_factory=dict, description=f"Extra sbatch options, one of: {', '.join(sorted(SLURM_EXTRA_WHITELIST))}."
+    time_min: Integer = Field(60, ge=1, le=60 * 24 * 30, description="Wall-time limit in minutes.")
+    partition: Annotated[str, StringConstraints(max_length=100, pattern=SLURM_NAME)] | None = Field(
+        None, description="SLURM partition."
     )
-
-    @field_validator("extra")
-    @classmethod
-    def _whitelisted(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = sorted(set(value) - SLURM_EXTRA_WHITELIST)
-        if bad:
-            raise ValueError(f"sbatch options not allowed: {', '.join(bad)}")
-        for key, item in value.items():
-            if any(ch in item for ch in "\n\r;&|`$"):
-                raise ValueError(f"resources.extra.{key} contains a forbidden character")
-        return value
+    account: Annotated[str, StringConstraints(max_length=100, pattern=SLURM_NAME)] | None = Field(
+        None, description="SLURM account."
+    )
+    qos: Annotated[str, StringConstraints(max_length=100, pattern=SLURM_NAME)] | None = Field(
+        None, description="SLURM quality of service."
+    )
+    extra: SlurmExtra = Field(default_factory=SlurmExtra, description="Extra sbatch options (a whitelist).")
 
     @property
     def tasks_per_node(self) -> int:
         return max(self.gpus_per_node, 1)
+
+    def extra_options(self) -> dict[str, str]:
+        """The extra sbatch options; a Resources built without validation is checked again by the launcher."""
+        extra: Any = self.extra
+        if isinstance(extra, SlurmExtra):
+            return extra.options()
+        return {str(k): str(v) for k, v in dict(extra).items() if v is not None}
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,7 @@ class RayLauncher:
             result = read_result(Path(metadata["orch_run_dir"]), int(metadata["orch_attempt"]))
         except (KeyError, ValueError):
             return False
-        return result is not None and result.get("status") == "interrupted"
+        return result is not None and result.status == "interrupted"
 
     def poll(self, job_id: str) -> JobStatus:
         return self.poll_many([job_id])[job_id]

@@ -207,6 +207,24 @@ def parse_signal(extra: dict[str, str]) -> tuple[str, int]:
     return match.group(1), int(match.group(2) or DEFAULT_SIGNAL_DELAY_S)
 
 
+def _refuse_control_characters(params: dict[str, Any]) -> None:
+    """The last guard before submitit writes the script: a value with a newline would become a shell line
+    of its own (values are validated on the way in; a Resources built without validation is not)."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(key, where)
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item, where)
+        elif isinstance(value, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise LauncherError(f"sbatch option {where} holds a control character; refused")
+
+    walk(params, "resources")
+
+
 def _truthy(value: str) -> bool | None:
     lowered = value.strip().lower()
     if lowered in ("", "1", "true", "yes", "on"):
@@ -243,7 +261,7 @@ class SlurmLauncher:
         from submitit.slurm.slurm import _convert_mem
 
         res = spec.resources
-        extra = dict(res.extra)
+        extra = res.extra_options()
         refused = sorted(set(extra) - SLURM_EXTRA_WHITELIST)  # Resources validates this; a constructed one may not
         if refused:
             raise LauncherError(f"sbatch options not allowed: {', '.join(refused)}")
@@ -288,10 +306,11 @@ class SlurmLauncher:
             else:  # reservation, begin, nice, licenses: plain sbatch flags
                 additional[key] = value
         params["additional_parameters"] = additional
+        _refuse_control_characters(params)
         return params
 
     def task(self, spec: JobSpec) -> SlurmWorkerTask:
-        sig, _ = parse_signal(spec.resources.extra)
+        sig, _ = parse_signal(spec.resources.extra_options())
         env = {**spec.env, "ORCH_RUN_ID": spec.job_id}
         return SlurmWorkerTask(spec.argv, str(spec.workdir), env, sig)
 
