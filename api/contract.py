@@ -49,6 +49,22 @@ ROUTES: dict[str, Role] = {
     "GET /api/v1/checkpoints/{checkpoint_id}/evaluations": "read",
     "POST /api/v1/checkpoints/{checkpoint_id}/evaluations": "admin",
     "GET /api/v1/benchmarks": "read",
+    "POST /api/v1/sweeps": "admin",
+    "GET /api/v1/sweeps": "read",
+    "GET /api/v1/sweeps/{sweep}": "read",
+    "GET /api/v1/sweeps/{sweep}/runs": "read",
+    "GET /api/v1/sweeps/{sweep}/report": "read",
+    "GET /api/v1/sweeps/{sweep}/plots/{name}": "read",
+    "POST /api/v1/sweeps/{sweep}/cancel": "admin",
+    "POST /api/v1/sweeps/{sweep}/retry": "admin",
+    "GET /api/v1/sweeps/{sweep}/events": "read",
+    "GET /api/v1/searches/{search_id}": "read",
+    "POST /api/v1/searches/{search_id}/trials": "job",
+    "POST /api/v1/searches/{search_id}/cancel": "admin",
+    "GET /api/v1/searches/{search_id}/attempts": "read",
+    "GET /api/v1/searches/{search_id}/events": "read",
+    "GET /api/v1/searches/{search_id}/logs": "read",
+    "POST /api/v1/searches/{search_id}/reports": "job",
 }
 
 #: Answers beyond the ones a route's shape implies: state changes that can be refused (409).
@@ -60,6 +76,12 @@ CONFLICTS = {
     "POST /api/v1/experiments",
     "POST /api/v1/runs/{run_id}/reports",
     "POST /api/v1/evaluations/{evaluation_id}/reports",
+    "POST /api/v1/sweeps",
+    "POST /api/v1/sweeps/{sweep}/cancel",
+    "POST /api/v1/sweeps/{sweep}/retry",
+    "POST /api/v1/searches/{search_id}/trials",
+    "POST /api/v1/searches/{search_id}/cancel",
+    "POST /api/v1/searches/{search_id}/reports",
 }
 #: Routes whose query names resources by id (an unknown one is a 404, as in a path).
 LOOKUPS = {"GET /api/v1/evaluations/compare"}

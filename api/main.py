@@ -12,7 +12,7 @@ from api import problems
 from api.body_limit import BodyLimit
 from api.contract import install_contract
 from api.deps import AppState
-from api.routes import evaluations, experiments, health, runs
+from api.routes import evaluations, experiments, health, runs, searches, sweeps
 from orchestrator.db.migrate import upgrade
 from orchestrator.reconciler import Reconciler
 from orchestrator.settings import Settings
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
             {"name": "runs", "description": "Pretraining runs and their attempts, checkpoints and events."},
             {"name": "experiments", "description": "Named groups of runs and their evaluation policy."},
             {"name": "evaluations", "description": "Benchmarks of checkpoints, triggered by the policy or by hand."},
+            {"name": "sweeps", "description": "Ablations: arms x paired seeds, with an honest statistical report."},
             {"name": "health", "description": "Liveness and readiness (no token needed)."},
         ],
     )
@@ -71,6 +72,8 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
     v1.include_router(runs.router)
     v1.include_router(experiments.router)
     v1.include_router(evaluations.router)
+    v1.include_router(sweeps.router)
+    v1.include_router(searches.router)
     app.include_router(v1)
     app.include_router(health.router)
     install_contract(app)

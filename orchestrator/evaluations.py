@@ -262,6 +262,15 @@ class EvaluateKind:
         }
         return ctx.job_file(job, payload, run.mlflow_experiment_id, run.mlflow_run_id)
 
+    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
+        return None
+
+    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
+        return None
+
+    def housekeeping(self, ctx: Context, db: Any) -> list[str]:
+        return []
+
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         pass
 

@@ -1,9 +1,11 @@
 """The state machine of every job the orchestrator drives (pretraining runs and evaluations).
 
     queued -> submitted -> running -> (preempted -> requeued -> running)* -> succeeded | failed | cancelled
+                                                                         | stopped
 
-Terminal states never change. Only a job whose result file says it completed can succeed. Evaluations add
-one edge: a failed attempt with attempts left goes straight to `requeued` (a retry, not a preemption).
+Terminal states never change. Only a job whose result file says it completed can succeed; `stopped` is a job
+its scheduler ended early on purpose (a search's ASHA): its checkpoints and metrics stand, it is not resumed.
+Evaluations add one edge: a failed attempt with attempts left goes straight to `requeued` (a retry).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Status(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    STOPPED = "stopped"  # ended early on purpose by its scheduler (a search's early stopping)
 
     @property
     def terminal(self) -> bool:
@@ -32,7 +35,7 @@ class Status(StrEnum):
         return not self.terminal
 
 
-TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.STOPPED})
 #: States in which a job waits for, or runs on, a scheduler.
 WAITING = frozenset({Status.SUBMITTED, Status.REQUEUED, Status.RUNNING, Status.PREEMPTED})
 
@@ -85,12 +88,15 @@ RUN = Lifecycle(
     {
         Status.QUEUED: frozenset({Status.SUBMITTED, Status.CANCELLED, Status.FAILED}),
         Status.SUBMITTED: frozenset({Status.RUNNING, Status.PREEMPTED, Status.CANCELLED, Status.FAILED}),
-        Status.RUNNING: frozenset({Status.PREEMPTED, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}),
+        Status.RUNNING: frozenset(
+            {Status.PREEMPTED, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.STOPPED}
+        ),
         Status.PREEMPTED: frozenset({Status.REQUEUED, Status.FAILED, Status.CANCELLED}),
         Status.REQUEUED: frozenset({Status.RUNNING, Status.PREEMPTED, Status.FAILED, Status.CANCELLED}),
         Status.SUCCEEDED: _FINAL,
         Status.FAILED: _FINAL,
         Status.CANCELLED: _FINAL,
+        Status.STOPPED: _FINAL,
     },
 )
 EVALUATION = Lifecycle(

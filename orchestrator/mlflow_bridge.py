@@ -11,7 +11,12 @@ from orchestrator.lifecycle import Status
 log = logging.getLogger(__name__)
 
 #: How our terminal states show in MLflow.
-MLFLOW_STATUS = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED", Status.CANCELLED: "KILLED"}
+MLFLOW_STATUS = {
+    Status.SUCCEEDED: "FINISHED",
+    Status.STOPPED: "FINISHED",  # stopped early by a search: its curve up to there is a finished result
+    Status.FAILED: "FAILED",
+    Status.CANCELLED: "KILLED",
+}
 
 
 class MlflowBridge:
@@ -54,6 +59,23 @@ class MlflowBridge:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
+
+    def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        """Artifacts of a run from bytes (a sweep's report and plots), written through a temporary folder."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="orch-artifacts-") as tmp:
+            root = Path(tmp)
+            for name, data in files.items():
+                target = root / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            self.client.log_artifacts(run_id, str(root))
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric of a run, in step order (a sweep's training curves)."""
+        history = self.client.get_metric_history(run_id, key)
+        return sorted((int(m.step), float(m.value)) for m in history)
 
     def terminate(self, run_id: str, status: Status) -> None:
         if status in MLFLOW_STATUS:

@@ -38,7 +38,15 @@ from orchestrator.jobs.records import (
     transition,
 )
 from orchestrator.launchers import Launchers
-from orchestrator.launchers.base import JobState, JobStatus, Launcher, LauncherError, Resources
+from orchestrator.launchers.base import (
+    ArrayLauncher,
+    JobSpec,
+    JobState,
+    JobStatus,
+    Launcher,
+    LauncherError,
+    Resources,
+)
 from orchestrator.lifecycle import TERMINAL, Status
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.settings import Settings
@@ -73,6 +81,17 @@ class Tracked:
     @property
     def queue(self) -> str:
         return KINDS[self.kind].queue
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An attempt written down (state "submitting", job file in place) and ready to submit."""
+
+    job_id: uuid.UUID
+    attempt: int
+    launcher: str
+    queue: str
+    spec: JobSpec
 
 
 def full_disk(folder: Path, threshold: int = 4 << 20) -> str:
@@ -124,8 +143,17 @@ class Reconciler:
                 polls.update(self.launchers.get(name, queue).poll_many(ids))
             except LauncherError as exc:
                 stats.errors.append(f"{name}: {exc}")
+        arrays, in_arrays = self._arrays([job for job in tracked if job.status == Status.QUEUED])
+        for members, parallelism in arrays:
+            try:
+                stats.launched += self._launch_array(members, parallelism)
+            except Exception as exc:
+                log.exception("array of %d jobs", len(members))
+                stats.errors.append(f"array of {len(members)} jobs: {exc}")
         capacity: dict[tuple[str, str], int | None] = {}
         for job in tracked:
+            if job.job_id in in_arrays:
+                continue
             try:
                 if job.status == Status.QUEUED:
                     key = (job.launcher, job.queue)
@@ -144,6 +172,12 @@ class Reconciler:
                 log.exception("%s job %s", job.kind, job.job_id)
                 stats.errors.append(f"{job.kind} {job.job_id}: {exc}")
         self._sync_mlflow(stats)
+        for name in KINDS:
+            try:
+                stats.errors += handler(name).housekeeping(self.ctx, self.db)
+            except Exception as exc:  # one kind's bookkeeping must not stop the pass
+                log.exception("housekeeping of %s", name)
+                stats.errors.append(f"housekeeping of {name}: {exc}")
         stats.seconds = time.perf_counter() - started
         return stats
 
@@ -185,49 +219,98 @@ class Reconciler:
     def _launch(self, job_id: uuid.UUID) -> bool:
         """Create the next attempt and its job file, commit, then submit (idempotent on the attempt key)."""
         with self.db.transaction() as session:
-            job = get_job(session, Job, job_id, "job", lock=True)
-            if Status(job.status) not in (Status.QUEUED, Status.REQUEUED):
-                return False
-            kind = handler(job.kind)
-            last = current_attempt(job)
-            if last is not None and last.state in ("pending", "running"):
-                return False  # the scheduler holds it already (it requeued the job itself)
-            if last is not None and last.state == "submitting":
-                attempt = last  # crashed between commit and submit last time: submit the same key again
-            else:
-                resources = Resources.model_validate(job.resources)
-                attempt = Attempt(
-                    job=job,
-                    number=(last.number + 1) if last else 1,
-                    backend=job.launcher,
-                    state="submitting",
-                    accelerators=resources.nodes * resources.gpus_per_node,
-                )
-                session.add(attempt)
-            session.flush()
-            folder = Path(job.folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            kind.prepare(self.ctx, session, job, attempt.number).write(folder)
-            spec = job_spec(str(job.id), job.kind, folder, job.resources, attempt.number, self.settings.python)
-            attempt.log_path = str(spec.log_dir / f"attempt-{attempt.number}.log")
-            number, launcher_name, queue = attempt.number, job.launcher, KINDS[job.kind].queue
-        launcher = self.launchers.get(launcher_name, queue)
+            prepared = self._prepare(session, job_id)
+        if prepared is None:
+            return False
+        launcher = self.launchers.get(prepared.launcher, prepared.queue)
         try:
-            backend_job_id, error = launcher.submit(spec), None
+            backend_job_id, error = launcher.submit(prepared.spec), None
         except LauncherError as exc:
             backend_job_id, error = None, str(exc)
+        return self._submitted(prepared, launcher, backend_job_id, error)
+
+    def _launch_array(self, job_ids: list[uuid.UUID], parallelism: int) -> int:
+        """Queued jobs of one group (a sweep's trials on SLURM) as one array: each task stays its own job,
+        with its own attempts; the array runs at most `parallelism` of them at once."""
         with self.db.transaction() as session:
-            job = get_job(session, Job, job_id, "job", lock=True)
-            attempt = next(a for a in job.attempts if a.number == number)
+            prepared = [p for job_id in job_ids if (p := self._prepare(session, job_id)) is not None]
+        if not prepared:
+            return 0
+        launcher = self.launchers.get(prepared[0].launcher, prepared[0].queue)
+        assert isinstance(launcher, ArrayLauncher)
+        try:
+            ids: list[str | None] = list(launcher.submit_array([p.spec for p in prepared], parallelism))
+            error = None
+        except LauncherError as exc:
+            ids, error = [None] * len(prepared), str(exc)
+        return sum(self._submitted(p, launcher, i, error) for p, i in zip(prepared, ids, strict=True))
+
+    def _arrays(self, queued: list[Tracked]) -> tuple[list[tuple[list[uuid.UUID], int]], set[uuid.UUID]]:
+        """Groups of queued jobs that go out as one array (their launcher takes arrays, their kind groups
+        them), and the jobs in those groups."""
+        candidates = [
+            job
+            for job in queued
+            if job.status == Status.QUEUED and isinstance(self.launchers.get(job.launcher, job.queue), ArrayLauncher)
+        ]
+        if not candidates:
+            return [], set()
+        groups: dict[tuple[str, str], tuple[list[uuid.UUID], int]] = {}
+        with self.db.sessions() as session:
+            for job in candidates:
+                group = handler(job.kind).array_group(self.ctx, session, get_job(session, Job, job.job_id, "job"))
+                if group is not None:
+                    key, parallelism = group
+                    members, _ = groups.get((job.launcher, key), ([], parallelism))
+                    groups[(job.launcher, key)] = ([*members, job.job_id], parallelism)
+        arrays = [group for group in groups.values() if len(group[0]) > 1]
+        return arrays, {job_id for members, _ in arrays for job_id in members}
+
+    def _prepare(self, session: Session, job_id: uuid.UUID) -> Prepared | None:
+        """The attempt to submit and its job file, or None when the job is not to be launched now."""
+        job = get_job(session, Job, job_id, "job", lock=True)
+        if Status(job.status) not in (Status.QUEUED, Status.REQUEUED):
+            return None
+        kind = handler(job.kind)
+        last = current_attempt(job)
+        if last is not None and last.state in ("pending", "running"):
+            return None  # the scheduler holds it already (it requeued the job itself)
+        if kind.may_launch(self.ctx, session, job) is not None:
+            return None  # waits (a sweep's concurrency cap) or was ended (a sweep's budget)
+        if last is not None and last.state == "submitting":
+            attempt = last  # crashed between commit and submit last time: submit the same key again
+        else:
+            resources = Resources.model_validate(job.resources)
+            attempt = Attempt(
+                job=job,
+                number=(last.number + 1) if last else 1,
+                backend=job.launcher,
+                state="submitting",
+                accelerators=resources.nodes * resources.gpus_per_node,
+            )
+            session.add(attempt)
+        session.flush()
+        folder = Path(job.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        kind.prepare(self.ctx, session, job, attempt.number).write(folder)
+        spec = job_spec(str(job.id), job.kind, folder, job.resources, attempt.number, self.settings.python)
+        attempt.log_path = str(spec.log_dir / f"attempt-{attempt.number}.log")
+        return Prepared(job.id, attempt.number, job.launcher, KINDS[job.kind].queue, spec)
+
+    def _submitted(self, prepared: Prepared, launcher: Launcher, backend_job_id: str | None, error: str | None) -> bool:
+        """Record what the scheduler answered for one prepared attempt."""
+        with self.db.transaction() as session:
+            job = get_job(session, Job, prepared.job_id, "job", lock=True)
+            attempt = next(a for a in job.attempts if a.number == prepared.attempt)
             if error is not None:
                 close_attempt(attempt, reason=f"submission failed: {error}")
                 if not Status(job.status).terminal:
                     advance(session, job, Status.FAILED, ACTOR, f"submission failed: {error}")
                 return False
             attempt.backend_job_id, attempt.state = backend_job_id, "pending"
-            record_event(session, job, "attempt", ACTOR, "submitted", number=number, job_id=backend_job_id)
+            record_event(session, job, "attempt", ACTOR, "submitted", number=prepared.attempt, job_id=backend_job_id)
             if Status(job.status) == Status.QUEUED:
-                transition(session, job, Status.SUBMITTED, ACTOR, f"{launcher_name} job {backend_job_id}")
+                transition(session, job, Status.SUBMITTED, ACTOR, f"{prepared.launcher} job {backend_job_id}")
             elif Status(job.status).terminal:  # cancelled while we were submitting
                 launcher.cancel(str(backend_job_id))
         return True
@@ -361,6 +444,8 @@ class Reconciler:
             assert result is not None
             succeeded, why = kind.completed(self.ctx, session, job, attempt.number, result)
             advance(session, job, Status.SUCCEEDED if succeeded else Status.FAILED, ACTOR, why)
+        elif outcome == "stopped" and poll.state == JobState.COMPLETED:
+            advance(session, job, Status.STOPPED, ACTOR, reason or "stopped early")
         elif (
             outcome == "interrupted"
             or (poll.state in (JobState.PREEMPTED, JobState.LOST) and outcome != "failed")

@@ -23,6 +23,7 @@ from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
 from orchestrator.jobs.kinds import Context
 from orchestrator.jobs.records import get_job, record_event
 from orchestrator.jobs.train import train_dir
+from orchestrator.launchers import LAUNCHERS
 from orchestrator.launchers.base import Resources
 from orchestrator.lifecycle import RUN, Status
 from orchestrator.pages import page, page_after
@@ -58,19 +59,29 @@ def resolve_config(body: RunCreate) -> TrainConfig:
     return cfg
 
 
-def submit_run(session: Session, settings: Settings, body: RunCreate, actor: str) -> Run:
+def submit_run(
+    session: Session,
+    settings: Settings,
+    body: RunCreate,
+    actor: str,
+    model: type[Run] = Run,
+    reason: str = "submitted by user",
+    launcher: str | None = None,
+    **fields: Any,
+) -> Run:
+    """Record a queued run (or a trial of a sweep: `model=Trial` with its sweep, arm and seed)."""
     cfg = resolve_config(body)
     experiment = get_or_create_experiment(session, body.experiment)
     run_id = uuid.uuid4()
     folder = settings.runs_root / str(run_id)
-    run = Run(
+    run = model(
         id=run_id,
         experiment=experiment,
         name=body.name or cfg.default_run_name(),
         method=cfg.method,
         config=cfg.model_dump(mode="json"),
         config_hash=cfg.config_hash(),
-        launcher=body.launcher or settings.default_launcher,
+        launcher=launcher or body.launcher or settings.default_launcher,
         resources=body.resources.model_dump(mode="json"),
         status=Status.QUEUED.value,
         folder=str(folder),
@@ -78,10 +89,11 @@ def submit_run(session: Session, settings: Settings, body: RunCreate, actor: str
         progress={},
         created_by=actor,
         attempts=[],
+        **fields,
     )
     session.add(run)
     session.flush()
-    record_event(session, run, "transition", actor, "submitted by user", to_status=Status.QUEUED.value)
+    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value)
     return run
 
 
@@ -110,6 +122,8 @@ def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run
     """A new run with the same config (terminal runs never change); links back with retry_of."""
     if not Status(run.status).terminal:
         raise ConflictError(f"run {run.id} is {run.status}; only finished runs can be retried (cancel it first)")
+    if run.launcher not in LAUNCHERS:
+        raise ConflictError(f"run {run.id} is a trial of a search: retry its sweep (the search resumes it)")
     body = RunCreate(
         experiment=run.experiment.name,
         name=run.name,
@@ -117,7 +131,8 @@ def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run
         launcher=run.launcher,
         resources=Resources.model_validate(run.resources),
     )
-    new = submit_run(session, settings, body, actor)
+    same: dict[str, Any] = {"sweep_id": run.sweep_id, "arm": run.arm, "seed": run.seed} if run.sweep_id else {}
+    new = submit_run(session, settings, body, actor, type(run), f"retry of {run.id}", None, **same)
     new.retry_of_id = run.id
     record_event(session, new, "retry", actor, f"retry of {run.id}", retry_of=str(run.id))
     return new
@@ -225,11 +240,25 @@ class TrainKind:
                 "orch.config_hash": job.config_hash,
                 "orch.launcher": job.launcher,
                 "method": job.method,
+                **self.mlflow_tags(ctx, session, job, experiment_id),
             }
             job.mlflow_experiment_id = experiment_id
             job.mlflow_run_id = ctx.mlflow.create_run(experiment_id, job.name, tags)
             job.experiment.mlflow_experiment_id = experiment_id
         return ctx.job_file(job, {"config": job.config}, job.mlflow_experiment_id, job.mlflow_run_id)
+
+    def mlflow_tags(self, ctx: Context, session: Session, run: Run, experiment_id: str) -> dict[str, str]:
+        """Tags beyond the run's own (a sweep's trials add theirs and their parent run)."""
+        return {}
+
+    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
+        return None
+
+    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
+        return None
+
+    def housekeeping(self, ctx: Context, db: Any) -> list[str]:
+        return []
 
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         assert isinstance(job, Run)

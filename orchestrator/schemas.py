@@ -235,7 +235,7 @@ class JobReport(BaseModel):
     epoch: Count | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     checkpoint_kind: Literal["epoch", "periodic", "step", "interrupt"] | None = None
-    status: Literal["completed", "interrupted", "failed"] | None = None
+    status: Literal["completed", "interrupted", "failed", "stopped"] | None = None
     reason: Reason | None = None
 
 

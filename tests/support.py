@@ -3,7 +3,10 @@ service's REST calls, credentials, and the one `wait_for`. Fixtures live in conf
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,3 +123,47 @@ def settled(url: str, path: str, timeout: float, what: str = "the job to end") -
     terminal = ("succeeded", "failed", "cancelled")
     found: dict[str, Any] = wait_for(lambda: (job := get(url, path))["status"] in terminal and job, timeout, what)
     return found
+
+
+class Service:
+    """`orchestrator serve` as a process that can be killed without warning and started again."""
+
+    def __init__(self, home: Path, db_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ORCH_")},
+            "ORCH_HOME": str(home),
+            "ORCH_DATABASE_URL": db_url,
+            "ORCH_ADMIN_TOKENS": f"admin:{ADMIN}",
+            "ORCH_MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+            "ORCH_RECONCILE_INTERVAL_S": "0.5",
+            "ORCH_API_URL": self.url,
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        cli = [str(Path(sys.executable).parent / "orchestrator"), "serve", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*cli, "--log-level", "warning"], cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_for(self.ready, 120, "the service to be ready", every=0.2)
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: no shutdown, no flush
+        self.proc.wait(timeout=30)
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

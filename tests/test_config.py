@@ -44,6 +44,8 @@ def test_hash_ignores_where_results_go_but_not_what_is_computed() -> None:
     assert base.config_hash() == moved.config_hash()
     assert base.config_hash() != load_config("tiny_cpu", ["seed=1"]).config_hash()
     assert len(base.config_hash()) == 64
+    elsewhere = load_config("tiny_cpu", ["data.path=/clone-b/data/fashion-mnist"])  # another clone, same science
+    assert elsewhere.config_hash() == base.config_hash() and elsewhere.data.path != base.data.path
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,47 @@ def test_cancel_ends_cancelled_within_30_s(tmp_path: Path, launcher: SlurmLaunch
     launcher.cancel(job_id)  # cancelling an ended job is harmless
 
 
+def test_an_array_runs_each_spec_as_its_own_task_within_its_parallelism(
+    tmp_path: Path, launcher: SlurmLauncher
+) -> None:
+    """A sweep's trials on SLURM: one `sbatch --array=0-2%2`, each task its own job id, exit status and log;
+    submitting again (or from a service that lost its state) finds the same tasks; one task cancels alone."""
+    code = "import sys, time; print('task', sys.argv[1], flush=True); time.sleep(float(sys.argv[2]))"
+    code += "; sys.exit(int(sys.argv[3]))"
+    specs = [
+        job_spec(tmp_path / str(i), [*py(code), str(i), seconds, exit_code])
+        for i, (seconds, exit_code) in enumerate((("2", "0"), ("2", "1"), ("600", "0")))
+    ]
+    ids = launcher.submit_array(specs, parallelism=2)
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1", f"{array}_2"]
+    assert launcher.submit_array(specs, parallelism=2) == ids
+    assert SlurmLauncher(tmp_path / "other-state").submit_array(specs, parallelism=2) == ids  # found by name
+    throttle = subprocess.run(["scontrol", "show", "job", array], capture_output=True, text=True).stdout
+    assert "ArrayTaskThrottle=2" in throttle
+    wait_for(lambda: "task 2" in launcher.logs(ids[2]), 120, "the third task to run")
+    statuses = wait_for(
+        lambda: (s := launcher.poll_many(ids[:2])) and all(v.state.ended for v in s.values()) and s, 120, "two tasks"
+    )
+    assert statuses[ids[0]].state == JobState.COMPLETED and statuses[ids[0]].exit_code == 0
+    assert statuses[ids[1]].state == JobState.FAILED and statuses[ids[1]].exit_code == 1
+    launcher.cancel(ids[2])
+    assert wait_for(lambda: ended(launcher, ids[2]), 30, "CANCELLED").state == JobState.CANCELLED
+    for i, (spec, job_id) in enumerate(zip(specs, ids, strict=True)):
+        assert f"task {i}" in launcher.logs(job_id)
+        assert (spec.log_dir / "attempt-1.log").read_text() == launcher.logs(job_id)
+
+
+def test_a_pending_array_task_is_pending_not_lost(tmp_path: Path, launcher: SlurmLauncher) -> None:
+    """Accounting holds the tasks an array has not started as one `A_[1-2%1]` record; squeue answers."""
+    specs = [job_spec(tmp_path / str(i), py("import time; time.sleep(5)")) for i in range(3)]
+    ids = launcher.submit_array(specs, parallelism=1)
+    statuses = launcher.poll_many(ids)
+    assert statuses[ids[2]].state == JobState.PENDING, statuses
+    for job_id in ids:
+        launcher.cancel(job_id)
+
+
 def _real_worker_spec(tmp_path: Path, api_url: str, epochs: int) -> JobSpec:
     run_dir = make_run_dir(tmp_path / f"run-{uuid.uuid4().hex[:8]}", api_url, "slurm", epochs)
     argv = [sys.executable, "-m", "orchestrator.jobs", str(run_dir), "--attempt", "1"]

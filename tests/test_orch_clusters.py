@@ -7,12 +7,13 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from api.shell.embedded import EmbeddedService
-from tests.support import auth, body, free_port, get, make_settings, settled, status_of, submit, wait_for
+from tests.support import MICRO, auth, body, free_port, get, make_settings, settled, status_of, submit, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]  # real SLURM and Ray clusters train micro runs
 
@@ -104,3 +105,43 @@ def test_ray_run_succeeds_with_checkpoints(service: EmbeddedService) -> None:
         c["epoch"] for c in get(service.url, f"/runs/{run['id']}/checkpoints") if "checkpoint0" in c["path"]
     )
     assert epochs == [1, 2]
+
+
+def test_a_sweep_on_slurm_goes_out_as_one_array_and_each_task_requeues_alone(
+    service: EmbeddedService, slurm_up: None
+) -> None:
+    """2 arms x 2 seeds: one `sbatch --array=0-3%2`; a task preempted by `scontrol requeue` comes back as
+    attempt 2 of its own trial while the other trials keep their single attempt."""
+    spec = {
+        "name": "slurm-array",
+        "base": {"preset": "tiny_cpu", "overrides": [*MICRO, "optim.epochs=3"]},
+        "arms": {"list": [{"name": "dino", "overrides": ["method=dino"]}, {"name": "selfpatch"}]},
+        "seeds": 2,
+        "metrics": {"primary": "knn/top1_k20"},
+        "launcher": "slurm",
+        "resources": SLURM_RESOURCES,
+        "max_concurrent": 2,
+    }
+    response = httpx.post(f"{service.url}/api/v1/sweeps", json=spec, headers=auth(), timeout=60)
+    assert response.status_code == 201, response.text
+    sweep = response.json()["sweep"]
+
+    def trials() -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = get(service.url, f"/sweeps/{sweep['id']}/runs")
+        return runs
+
+    submitted = wait_for(lambda: (t := trials()) and all(r["attempts"] for r in t) and t, 120, "the array")
+    ids = sorted(r["attempts"][0]["backend_job_id"] for r in submitted)
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_{i}" for i in range(4)]  # one array, one task per trial
+    throttle = subprocess.run(["scontrol", "show", "job", array], capture_output=True, text=True).stdout
+    assert "ArrayTaskThrottle=2" in throttle
+    first = next(r for r in submitted if r["attempts"][0]["backend_job_id"] == f"{array}_0")
+    wait_for(lambda: get(service.url, f"/runs/{first['id']}/checkpoints"), 300, "the first task to checkpoint")
+    subprocess.run(["scontrol", "requeue", f"{array}_0"], check=True)
+    wait_for(lambda: get(service.url, f"/sweeps/{sweep['id']}")["status"] == "completed", 900, "the sweep to complete")
+    final = {r["id"]: r for r in trials()}
+    assert {r["status"] for r in final.values()} == {"succeeded"}, [r["status_reason"] for r in final.values()]
+    assert [a["number"] for a in final[first["id"]]["attempts"]] == [1, 2]
+    assert {a["backend_job_id"] for a in final[first["id"]]["attempts"]} == {f"{array}_0"}
+    assert all(len(r["attempts"]) == 1 for key, r in final.items() if key != first["id"])

@@ -294,6 +294,9 @@ def test_every_route_answers_401_and_403_as_the_role_table_says(client: TestClie
         "evaluation_id": str(uuid.uuid4()),
         "checkpoint_id": str(uuid.uuid4()),
         "experiment": "default",
+        "sweep": "no-such-sweep",
+        "search_id": str(uuid.uuid4()),
+        "name": "metric.png",
     }
     spec = client.get("/openapi.json").json()
     walked = 0

@@ -320,8 +320,12 @@ class LoggingConfig(_Section):
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar: auto = when on a terminal.")
 
 
-#: Fields that say where and how to observe a run, not what is computed: left out of the config hash.
-UNHASHED_FIELDS: frozenset[str] = frozenset({"checkpoint", "logging", "data.num_workers", "stop_at_step", "device"})
+#: Fields that say where and how to observe a run, not what is computed: left out of the config hash. The
+#: dataset's path is where it lives, not what it is: the same preset hashes the same in every clone and on
+#: every cluster (the path is recorded with the config, beside the hash).
+UNHASHED_FIELDS: frozenset[str] = frozenset(
+    {"checkpoint", "logging", "data.num_workers", "data.path", "stop_at_step", "device"}
+)
 
 
 class TrainConfig(_Section):

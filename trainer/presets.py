@@ -185,8 +185,8 @@ def format_validation_error(error: ValidationError) -> tuple[str, str | None]:
     loc = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     named = message.split(" ", 1)[0].rstrip(":")
-    if loc and named.startswith(loc + ".") and named.replace(".", "").replace("_", "").isalnum():
-        loc = named  # a cross-field check names the exact sub-field it refuses
+    if named.replace(".", "").replace("_", "").isalnum() and (not loc or named.startswith(loc + ".")):
+        loc = named  # a cross-field check names the exact (sub-)field it refuses
     extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if loc and not message.startswith(loc):
         return f"{loc}: {message}{extra}", loc

@@ -37,6 +37,12 @@ evals_app = typer.Typer(
 app.add_typer(runs_app, name="runs")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(evals_app, name="evals")
+sweep_app = typer.Typer(
+    help="Ablations (arms x paired seeds, with a statistical report) and hyper-parameter searches (Ray Tune with "
+    "ASHA); resumable: create, list, status, report, cancel, retry.",
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
 
 Url = Annotated[str, typer.Option("--url", envvar="ORCH_URL", help="Service URL.")]
 Token = Annotated[str | None, typer.Option("--token", envvar="ORCH_TOKEN", help="Bearer token.", show_default=False)]
@@ -470,6 +476,187 @@ def evals_cancel(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None
     """Cancel an evaluation (its job is stopped)."""
     evaluation = call(url, token, lambda api: api.cancel_evaluation(evaluation_id))
     emit(evaluation, output, eval_line(evaluation))
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+def read_sweep_file(path: str) -> dict[str, Any]:
+    """A sweep file from disk, or a preset name (configs/sweeps/NAME.yaml) the client resolves."""
+    import yaml
+
+    from trainer.presets import parse_yaml, preset_dir
+
+    candidate = Path(path)
+    if not candidate.is_file():
+        candidate = preset_dir() / "sweeps" / f"{path.removesuffix('.yaml')}.yaml"
+    if not candidate.is_file():
+        fail(f"no sweep file {path!r} (nor a preset configs/sweeps/{path}.yaml)", 2)
+    try:
+        data = parse_yaml(candidate.read_text())
+    except (yaml.YAMLError, ValueError) as exc:
+        fail(f"{candidate}: invalid YAML: {str(exc).splitlines()[0]}", 2)
+    if not isinstance(data, dict):
+        fail(f"{candidate}: a sweep file is a mapping", 2)
+    result: dict[str, Any] = data
+    return result
+
+
+def sweep_line(sweep: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(sweep["counts"].items()))
+    budget = f" of {sweep['budget_hours']:g}" if sweep.get("budget_hours") else ""
+    return (
+        f"{sweep['id']}  {sweep['status']:<9} {sweep['name']}  [{counts}]  "
+        f"{sweep['accelerator_hours']:.2f}{budget} accelerator-hours"
+    )
+
+
+@sweep_app.command("create")
+def sweep_create(
+    file: Annotated[str, typer.Argument(help="A sweep YAML file, or a preset name (configs/sweeps/).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show trials, one submission and the cost.")] = False,
+    extend: Annotated[bool, typer.Option("--extend", help="Add the arms or seeds the file adds.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow the sweep, then print its report.")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Create a sweep; safe to run again (nothing is duplicated, missing trials are added)."""
+    spec = read_sweep_file(file)
+    result = call(url, token, lambda api: api.create_sweep(spec, dry_run=dry_run, extend=extend))
+    if dry_run:
+        emit(result, output, plan_text(result))
+        return
+    sweep = result["sweep"]
+    verb = "created" if result["created"] else f"exists ({result['added']} trials added)"
+    emit(result, output, f"sweep {sweep['name']} {verb}\n{sweep_line(sweep)}")
+    if follow:
+        final = call(url, token, lambda api: follow_sweep(api, sweep["id"], quiet=output == "json"))
+        if output != "json":
+            typer.echo(call(url, token, lambda api: api.sweep_report(sweep["id"], "markdown")))
+        if final["status"] != "completed":
+            raise typer.Exit(1)
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    if plan.get("search"):
+        return "\n".join(
+            [
+                f"sweep {plan['name']}  spec {plan['spec_hash'][:12]}  exists: {plan['exists']}",
+                plan["search"],
+                f"at most about {plan['estimate_hours']:.1f} hours and {plan['estimate_accelerator_hours']:.1f} "
+                f"accelerator-hours if no trial stops early ({plan['assumption']})",
+                "the search job's submission:",
+                plan["rendered"],
+            ]
+        )
+    lines = [
+        f"sweep {plan['name']}  spec {plan['spec_hash'][:12]}  exists: {plan['exists']}",
+        f"{'arm':<28} {'seed':>4}  {'config hash':<14} {'hours':>8} {'acc-hours':>9}",
+    ]
+    lines += [
+        f"{t['arm'][:28]:<28} {t['seed']:>4}  {t['config_hash'][:12]:<14} "
+        f"{t['hours']:>8.2f} {t['accelerator_hours']:>9.2f}"
+        for t in plan["trials"]
+    ]
+    lines += [
+        f"{len(plan['trials'])} trials, about {plan['estimate_hours']:.1f} hours and "
+        f"{plan['estimate_accelerator_hours']:.1f} accelerator-hours ({plan['assumption']})",
+        "first trial's submission:",
+        plan["rendered"],
+    ]
+    return "\n".join(lines)
+
+
+def follow_sweep(api: Client, ident: str, quiet: bool = False, poll_s: float = 3.0) -> dict[str, Any]:
+    """Trial counts as they change until the sweep is completed or cancelled."""
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet)
+    with console.status("following the sweep") as status:
+        while True:
+            sweep: dict[str, Any] = _poll(lambda: api.sweep(ident), poll_s)
+            status.update(sweep_line(sweep))
+            if sweep["status"] in ("completed", "cancelled"):
+                console.print(sweep_line(sweep))
+                return sweep
+            time.sleep(poll_s)
+
+
+@sweep_app.command("list")
+def sweep_list(url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Sweeps, newest first."""
+    page = call(url, token, lambda api: api.sweeps())
+    emit(page, output, "\n".join(sweep_line(s) for s in page["items"]) or "no sweeps")
+
+
+@sweep_app.command("status")
+def sweep_status(ident: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """A sweep's arm x seed matrix: status and primary metric of every trial."""
+    sweep = call(url, token, lambda api: api.sweep(ident))
+    lines = [sweep_line(sweep), f"  baseline {sweep['baseline'] or '-'}, primary {sweep['primary_metric']}"]
+    if sweep.get("search"):
+        search = sweep["search"]
+        lines.append(f"  search job {search['id']}  {search['status']}  attempts {len(search['attempts'])}")
+    for cell in sweep["trials"]:
+        value = "-" if cell["primary"] is None else f"{cell['primary']:.2f}"
+        lines.append(f"  {cell['arm']:<28} seed {cell['seed']:>3}  {cell['status']:<10} {value:>8}  {cell['run_id']}")
+    emit(sweep, output, "\n".join(lines))
+
+
+@sweep_app.command("report")
+def sweep_report(
+    ident: str,
+    format: Annotated[str, typer.Option("--format", help="table, markdown, json or csv.")] = "table",
+    plots: Annotated[Path | None, typer.Option(help="Also save the plots (PNG and SVG) into this folder.")] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """The report: per arm mean and 95% CI, paired differences vs the baseline, Holm-adjusted p, cost (for a
+    search: the trials ranked by their objective, with their values and why each ended)."""
+    if format not in ("table", "markdown", "json", "csv"):
+        fail(f"--format {format!r}: use table, markdown, json or csv", 2)
+    wire = {"table": "markdown"}.get(format, format)
+    text = call(url, token, lambda api: api.sweep_report(ident, wire))
+    if format == "table":
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(text))
+    else:
+        typer.echo(json.dumps(text, indent=2) if format == "json" else text)
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        names = call(url, token, lambda api: api.sweep(ident))["plots"]
+        for name in (f"{stem}.{fmt}" for stem in names for fmt in ("png", "svg")):
+
+            def fetch(api: Client, name: str = name) -> bytes:
+                return api.sweep_plot(ident, name)
+
+            (plots / name).write_bytes(call(url, token, fetch))
+        typer.echo(f"plots in {plots}", err=True)
+
+
+@sweep_app.command("cancel")
+def sweep_cancel(ident: str, url: Url = DEFAULT_URL, token: Token = None, output: Output = "text") -> None:
+    """Cancel a sweep: its trials stop."""
+    sweep = call(url, token, lambda api: api.cancel_sweep(ident))
+    emit(sweep, output, sweep_line(sweep))
+
+
+@sweep_app.command("retry")
+def sweep_retry(
+    ident: str,
+    failed: Annotated[bool, typer.Option("--failed", help="Retry the trials that failed or were cancelled.")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    output: Output = "text",
+) -> None:
+    """Retry a sweep's failed trials (a new trial for each such arm and seed)."""
+    if not failed:
+        fail("say what to retry: --failed", 2)
+    sweep = call(url, token, lambda api: api.retry_sweep(ident))
+    emit(sweep, output, sweep_line(sweep))
 
 
 # ------------------------------------------------------------------------------------------- demo

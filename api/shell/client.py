@@ -78,7 +78,7 @@ class Client:
             raise ApiError(response.status_code, body, hint)
         if response.status_code == 204 or not response.content:
             return None
-        if response.headers.get("content-type", "").startswith("application/json"):
+        if response.headers.get("content-type", "").startswith(("application/json", "application/problem+json")):
             return response.json()
         return response.text
 
@@ -136,6 +136,35 @@ class Client:
         if body is None:
             return self.request("GET", f"/api/v1/experiments/{name}")
         return self.request("PATCH", f"/api/v1/experiments/{name}", json=body)
+
+    # ---- sweeps
+    def create_sweep(self, spec: dict[str, Any], *, dry_run: bool = False, extend: bool = False) -> Any:
+        params = {"dry_run": dry_run, "extend": extend}
+        return self.request("POST", "/api/v1/sweeps", json=spec, params=params)
+
+    def sweeps(self, **params: Any) -> Any:
+        return self.request("GET", "/api/v1/sweeps", params={k: v for k, v in params.items() if v is not None})
+
+    def sweep(self, ident: str) -> Any:
+        return self.request("GET", f"/api/v1/sweeps/{ident}")
+
+    def sweep_report(self, ident: str, fmt: str = "json") -> Any:
+        return self.request("GET", f"/api/v1/sweeps/{ident}/report", params={"format": fmt})
+
+    def sweep_plot(self, ident: str, name: str) -> bytes:
+        try:
+            response = self.http.get(f"/api/v1/sweeps/{ident}/plots/{name}")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach the service at {self.http.base_url} ({exc})") from exc
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, response.text)
+        return response.content
+
+    def cancel_sweep(self, ident: str) -> Any:
+        return self.request("POST", f"/api/v1/sweeps/{ident}/cancel")
+
+    def retry_sweep(self, ident: str) -> Any:
+        return self.request("POST", f"/api/v1/sweeps/{ident}/retry")
 
     def ready(self) -> bool:
         try:

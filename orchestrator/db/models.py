@@ -123,7 +123,9 @@ class Run(Job):
     config: Mapped[dict[str, Any]] = mapped_column()
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
     retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id"))
-    sweep_id: Mapped[uuid.UUID | None] = mapped_column()  # sweeps arrive with a later milestone
+    sweep_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    arm: Mapped[str | None] = mapped_column(String(100))  # trials of a sweep: the arm and the paired seed
+    seed: Mapped[int | None] = mapped_column(Integer)
     output_dir: Mapped[str] = mapped_column(Text)
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -132,6 +134,76 @@ class Run(Job):
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="run", order_by="Checkpoint.step", cascade="all, delete-orphan"
     )
+
+
+class Trial(Run):
+    """A run of a sweep: one (arm, seed). Same table and job runner as any run; its kind adds the sweep's
+    concurrency cap and budget at launch and its MLflow run is a child of the sweep's."""
+
+    __mapper_args__ = {"polymorphic_identity": "trial"}  # noqa: RUF012 (read once by the mapper)
+
+
+class Search(Job):
+    """The driver of a search sweep: a Ray Tune experiment run as one job (restored from its folder when
+    the job is retried). Its trials are `Trial` runs it registers, each started by its Tune trainable."""
+
+    __tablename__ = "searches"
+    __mapper_args__ = {"polymorphic_identity": "search", "polymorphic_load": "inline"}  # noqa: RUF012 (read once by the mapper)
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    sweep_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sweeps.id"), index=True)
+
+
+class Sweep(Base):
+    """An ablation (arms x seeds of one base config) or a search (trials a Ray Tune search samples),
+    identified by name and the hash of its science."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_created", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    experiment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("experiments.id"))
+    status: Mapped[str] = mapped_column(String(16))  # active, completed, cancelled
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    report_logged: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+    experiment: Mapped[Experiment] = relationship()
+    arms: Mapped[list[SweepArm]] = relationship(order_by="SweepArm.position", cascade="all, delete-orphan")
+
+
+class SweepArm(Base):
+    __tablename__ = "sweep_arms"
+    __table_args__ = (UniqueConstraint("sweep_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    sweep_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    position: Mapped[int] = mapped_column(Integer)
+    overrides: Mapped[dict[str, Any]] = mapped_column()  # {"overrides": [...]} (JSON object on every backend)
+
+
+class SweepEvent(Base):
+    """Append-only log of a sweep: created, extended, trials retried, budget spent, cancelled, completed."""
+
+    __tablename__ = "sweep_events"
+    __table_args__ = (Index("ix_sweep_events_sweep", "sweep_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    sweep_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sweeps.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Attempt(Base):

@@ -40,6 +40,7 @@ class FakeLauncher:
         self.refuse_next: str | None = None  # the next submit raises LauncherError with this message
         self.ignore_cancel = False  # a scheduler that is slow to act on scancel
         self.before_submit: Callable[[JobSpec], None] | None = None  # e.g. a crash or a cancel mid-submission
+        self.arrays: list[tuple[list[str], int]] = []  # (job ids, parallelism) of every array submitted
 
     # ------------------------------------------------------------------ the launcher interface
 
@@ -123,3 +124,24 @@ class FakeLauncher:
         """An ended status; a job that ends without having been started explicitly ran for a second."""
         started = job.status.started_at or (datetime.now(UTC) - timedelta(seconds=1) if ran else None)
         return JobStatus(state, code, reason, host=job.status.host, started_at=started, ended_at=datetime.now(UTC))
+
+
+class FakeArrayLauncher(FakeLauncher):
+    """The fake scheduler with job arrays (as SLURM): an array is its tasks, each a job of its own."""
+
+    def submit_array(self, specs: list[JobSpec], parallelism: int) -> list[str]:
+        ids = [self.submit(spec) for spec in specs]
+        self.arrays.append((ids, parallelism))
+        return ids
+
+    def one_at_a_time(self) -> Any:
+        """The same jobs behind a launcher without arrays (as the local one), for harnesses with both."""
+        fake = self
+
+        class OneAtATime:
+            def __getattr__(self, name: str) -> Any:
+                if name == "submit_array":
+                    raise AttributeError(name)
+                return getattr(fake, name)
+
+        return OneAtATime()

@@ -24,6 +24,8 @@ from orchestrator.strict import Count, FilePath, FiniteFloat, MetricName, Reason
 from trainer.files import atomic_write_text
 
 JOB_FILE = "job.json"
+#: A request to end the job early on purpose (a search's early stopping), with the reason, in the job's folder.
+STOP_REQUEST = "stop-request.json"
 #: Exit codes of every job runner. 75 (EX_TEMPFAIL) is the trainer's "checkpointed, resume me".
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED = 0, 1, 2, 75
 
@@ -74,7 +76,7 @@ class JobResult(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    status: Literal["completed", "interrupted", "failed"]
+    status: Literal["completed", "interrupted", "failed", "stopped"]
     reason: Reason | None = None
     iteration: Count | None = None
     epoch: Count | None = None
@@ -122,6 +124,20 @@ def confined(folder: Path, path: str | Path) -> Path:
 def write_result(folder: Path, attempt: int, status: str, **data: Any) -> None:
     record = {"attempt": attempt, "status": status, "at": time.time(), "host": socket.gethostname(), **data}
     atomic_write_text(result_path(folder, attempt), json.dumps(record, default=str))
+
+
+def request_stop(folder: Path, reason: str) -> None:
+    """Ask the job to end early on purpose: it checkpoints and ends `stopped` (not `interrupted`, which resumes)."""
+    atomic_write_text(Path(folder) / STOP_REQUEST, json.dumps({"reason": reason[:1000], "at": time.time()}))
+
+
+def stop_request(folder: Path) -> str | None:
+    """The reason the job was asked to stop early, or None."""
+    try:
+        data = json.loads((Path(folder) / STOP_REQUEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(data.get("reason") or "stopped early")[:1000] if isinstance(data, dict) else None
 
 
 def job_token(secret: bytes, job_id: uuid.UUID | str) -> str:

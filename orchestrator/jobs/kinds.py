@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from orchestrator.db.models import Job
+    from orchestrator.db.session import Database
     from orchestrator.mlflow_bridge import MlflowBridge
     from orchestrator.schemas import JobReport
     from orchestrator.settings import Settings
@@ -36,6 +37,10 @@ class KindEntry:
 
 KINDS: dict[str, KindEntry] = {
     "train": KindEntry("train", "orchestrator.jobs.train:run", "orchestrator.runs:TRAIN", "train", "runs"),
+    "trial": KindEntry("trial", "orchestrator.jobs.train:run", "orchestrator.sweeps.kind:TRIAL", "train", "runs"),
+    "search": KindEntry(
+        "search", "orchestrator.jobs.search:run", "orchestrator.sweeps.search:SEARCH", "train", "searches"
+    ),
     "evaluate": KindEntry(
         "evaluate", "orchestrator.jobs.evaluate:run", "orchestrator.evaluations:EVALUATE", "eval", "evaluations"
     ),
@@ -78,6 +83,19 @@ class JobKind(Protocol):
 
     def prepare(self, ctx: Context, session: Session, job: Job, attempt: int) -> JobFile:
         """The job file for this attempt (payload, MLflow ids); may create the job's MLflow run."""
+        ...
+
+    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
+        """None to launch the queued job now; else why it waits (the hook may also end it, e.g. a budget)."""
+        ...
+
+    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
+        """Queued jobs with the same group key go out as one array (where the launcher takes arrays), running
+        at most the given number at once; None sends the job alone."""
+        ...
+
+    def housekeeping(self, ctx: Context, db: Database) -> list[str]:
+        """Once per reconciler pass, after the jobs (a sweep closes and reports itself); returns errors."""
         ...
 
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:

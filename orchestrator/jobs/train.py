@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.jobs.files import EXIT_BAD_JOB, EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, JobFile, write_result
+from orchestrator.jobs.files import (
+    EXIT_BAD_JOB,
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    JobFile,
+    stop_request,
+    write_result,
+)
 from orchestrator.jobs.reporter import Reporter, scheduler_job_id
 from trainer.callbacks import CheckpointInfo, TrainCallback, TrainResult
 
@@ -24,8 +32,8 @@ def train_dir(folder: Path) -> Path:
 class ReportingCallback(TrainCallback):
     """Forwards the trainer's events (rank 0) to the service."""
 
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
+    def __init__(self, reporter: Reporter, folder: Path) -> None:
+        self.reporter, self.folder = reporter, folder
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.reporter.start(**info)
@@ -44,7 +52,9 @@ class ReportingCallback(TrainCallback):
         )
 
     def on_end(self, result: TrainResult) -> None:
-        self.reporter.send("end", status=result.status, iteration=result.iteration, reason=result.reason)
+        stopped = stop_request(self.folder) if result.status == "interrupted" else None
+        status, reason = ("stopped", stopped) if stopped is not None else (result.status, result.reason)
+        self.reporter.send("end", status=status, iteration=result.iteration, reason=reason)
 
 
 def job_config(job: JobFile, folder: Path, attempt: int) -> dict[str, Any]:
@@ -90,7 +100,7 @@ def run(job: JobFile, folder: Path, attempt: int) -> int:
     is_main = read_env().is_main
     reporter = Reporter(job, attempt) if is_main else None
     try:
-        result = train(cfg, callbacks=[ReportingCallback(reporter)] if reporter else [])
+        result = train(cfg, callbacks=[ReportingCallback(reporter, folder)] if reporter else [])
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         if reporter:
             failed(folder, attempt, reporter, f"{type(exc).__name__}: {exc}")
@@ -102,6 +112,10 @@ def run(job: JobFile, folder: Path, attempt: int) -> int:
     finally:
         if reporter:
             reporter.close()
+    stopped = stop_request(folder) if result.status == "interrupted" else None
+    if is_main and stopped is not None:  # asked to end early (a search's early stopping): final, not resumed
+        write_result(folder, attempt, "stopped", iteration=result.iteration, epoch=result.epoch, reason=stopped)
+        return EXIT_COMPLETED
     if is_main:
         write_result(
             folder,

@@ -10,6 +10,7 @@ from orchestrator.launchers.base import JobSpec, JobState, JobStatus, Launcher, 
 from orchestrator.settings import Settings
 
 __all__ = [
+    "INTERNAL_LAUNCHERS",
     "LAUNCHERS",
     "JobSpec",
     "JobState",
@@ -29,6 +30,8 @@ LAUNCHERS: dict[str, str] = {
     "ray": "orchestrator.launchers.ray:from_settings",
     "dryrun": "orchestrator.launchers.dryrun:from_settings",
 }
+#: Backends users never name: the trials of a Ray Tune search are started by their search job.
+INTERNAL_LAUNCHERS: dict[str, str] = {"tune": "orchestrator.launchers.tune:from_settings"}
 if TYPE_CHECKING:
     LauncherName = str
 else:
@@ -55,11 +58,12 @@ class Launchers:
         """The launcher `name` for a queue: evaluations (queue 'eval') have their own local job slots."""
         if name in self._fixed:
             return self._fixed[name]
-        if name not in LAUNCHERS:
+        known = {**LAUNCHERS, **INTERNAL_LAUNCHERS}
+        if name not in known:
             raise LauncherError(f"unknown launcher {name!r}; choose from {', '.join(LAUNCHERS)}")
         key = f"{name}:{queue}" if name == "local" else name
         if key not in self._made:
-            module_name, _, factory_name = LAUNCHERS[name].partition(":")
+            module_name, _, factory_name = known[name].partition(":")
             factory: Callable[[Settings, str], Launcher] = getattr(importlib.import_module(module_name), factory_name)
             self._made[key] = factory(self.settings, queue)
         return self._made[key]

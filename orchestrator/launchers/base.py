@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -182,4 +182,14 @@ class Launcher(Protocol):
 
     def capacity(self) -> int | None:
         """How many more jobs it takes now (None = the scheduler queues them itself)."""
+        ...
+
+
+@runtime_checkable
+class ArrayLauncher(Protocol):
+    """A backend that can send many jobs with the same resources as one array (SLURM `--array=0-N%P`)."""
+
+    def submit_array(self, specs: list[JobSpec], parallelism: int) -> list[str]:
+        """Submit the specs as one array running at most `parallelism` at once; one job id per spec, in
+        order. Idempotent on each spec's key, like `submit`: a spec already submitted keeps its id."""
         ...

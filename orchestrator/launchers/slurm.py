@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
@@ -49,7 +50,9 @@ LOOKBACK = "now-60days"
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "RESV_DEL_HOLD"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "SUSPENDED", "STOPPED"}
 _FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
-_SACCT_FIELDS = ("JobIDRaw", "State", "ExitCode", "Start", "End", "NodeList", "Reason")
+#: A job (`123`) or one task of a job array (`123_4`).
+_JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
+_SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "NodeList", "Reason")
 
 
 class SlurmWorkerTask:
@@ -356,11 +359,13 @@ class SlurmLauncher:
             pass
         # -t all: also jobs that just ended (kept for MinJobAge); right after a job ends, sacct --name may
         # briefly miss it (seen with slurmdbd 22.05), while the controller still knows it
-        out = _run(["squeue", "-h", "-t", "all", "-n", key, "-o", "%i"])
-        ids = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        # %F and JobID's prefix: the array's id for an array, the job's own id otherwise
+        out = _run(["squeue", "-h", "-t", "all", "-n", key, "-o", "%F"])
+        ids = [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
         if not ids:
-            out = _run(["sacct", "-X", "-n", "-P", "--name", key, "-o", "JobIDRaw", "-S", LOOKBACK])
-            ids = [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
+            out = _run(["sacct", "-X", "-n", "-P", "--name", key, "-o", "JobID", "-S", LOOKBACK])
+            ids = [line.strip().split("_")[0] for line in out.stdout.splitlines()]
+            ids = [i for i in ids if i.isdigit()]
         return max(ids, key=int) if ids else None
 
     def submit(self, spec: JobSpec) -> str:
@@ -379,15 +384,83 @@ class SlurmLauncher:
                 raise LauncherError(f"sbatch refused the job: {str(exc).strip()[:500]}") from exc
             job_id = str(job.job_id)
             self._remember(spec, job_id)
+        return job_id
+
+    def submit_array(self, specs: list[JobSpec], parallelism: int) -> list[str]:
+        """One `sbatch --array=0-N%P` (submitit's batch) for specs with the same resources; task i runs spec i.
+
+        Idempotent like `submit`: before sbatch, each spec's key is written down with the array's name and
+        index, so a service that crashed after sbatch finds the array by name and its tasks by index."""
+        if len({json.dumps(s.resources.model_dump(mode="json"), sort_keys=True) for s in specs}) > 1:
+            raise LauncherError("a job array needs the same resources for every task")
+        ids: dict[str, str] = {}
+        name = "orch-array-" + hashlib.sha256(" ".join(s.key for s in specs).encode()).hexdigest()[:16]
+        with self._key_lock(name):
+            todo = []
+            for spec in specs:
+                found = self._submitted_before(spec)
+                if found is not None:
+                    ids[spec.key] = found
+                else:
+                    todo.append(spec)
+            if todo:
+                for index, spec in enumerate(todo):
+                    atomic_write_text(self.state_dir / "intents" / spec.key, f"{name} {index}")
+                array_id = self.find(name) or self._sbatch_array(name, todo, parallelism)
+                for index, spec in enumerate(todo):
+                    ids[spec.key] = f"{array_id}_{index}"
+                    self._remember(spec, ids[spec.key], self.array_folder(array_id, index))
+        return [ids[spec.key] for spec in specs]
+
+    def array_folder(self, array_id: str, index: int) -> Path:
+        """submitit's folder of one array task (the `%j` of the array's folder is `A_i`)."""
+        return self.state_dir / "arrays" / f"{array_id}_{index}"
+
+    def _submitted_before(self, spec: JobSpec) -> str | None:
+        """The id of a spec submitted alone or in an array (found through its intent after a crash)."""
+        try:
+            return (self.state_dir / "keys" / spec.key).read_text().strip() or None
+        except OSError:
+            pass
+        try:
+            name, index = (self.state_dir / "intents" / spec.key).read_text().split()
+        except (OSError, ValueError):
+            return None
+        array_id = self.find(name)
+        if array_id is None:
+            return None
+        self._remember(spec, f"{array_id}_{index}", self.array_folder(array_id, int(index)))
+        return f"{array_id}_{index}"
+
+    def _sbatch_array(self, name: str, specs: list[JobSpec], parallelism: int) -> str:
+        from submitit.core.utils import FailedJobError
+        from submitit.slurm.slurm import SlurmExecutor
+
+        folder = self.state_dir / "arrays" / "%j"
+        executor = SlurmExecutor(folder, self.max_num_timeout, python=shlex.quote(self.python))
+        params = self.parameters(specs[0])
+        params["job_name"], params["array_parallelism"] = name, max(1, parallelism)
+        params["additional_parameters"]["chdir"] = str(self.state_dir)  # each task's worker runs in its own folder
+        try:
+            executor.update_parameters(**params)
+        except ValueError as exc:
+            raise LauncherError(f"invalid sbatch options: {exc}") from exc
+        try:
+            with executor.batch():
+                jobs = [executor.submit(self.task(spec)) for spec in specs]
+        except FailedJobError as exc:
+            raise LauncherError(f"sbatch refused the array: {str(exc).strip()[:500]}") from exc
+        return str(jobs[0].job_id).split("_")[0]
+
+    def _remember(self, spec: JobSpec, job_id: str, folder: Path | None = None) -> None:
+        folder = folder or Path(str(self.folder(spec)).replace("%j", job_id))
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
         link = spec.log_dir / f"attempt-{spec.attempt}.log"
         with contextlib.suppress(OSError):
             if not link.exists() and not link.is_symlink():
-                link.symlink_to(self._stdout(Path(str(self.folder(spec)).replace("%j", job_id)), job_id))
-        return job_id
-
-    def _remember(self, spec: JobSpec, job_id: str) -> None:
-        folder = str(self.folder(spec)).replace("%j", job_id)
-        record = {"key": spec.key, "job_id": job_id, "folder": folder, "run_id": spec.job_id, "attempt": spec.attempt}
+                link.symlink_to(self._stdout(folder, job_id))
+        record: dict[str, Any] = {"key": spec.key, "job_id": job_id, "folder": str(folder)}
+        record |= {"run_id": spec.job_id, "attempt": spec.attempt}
         atomic_write_text(self.state_dir / "jobs" / f"{job_id}.json", json.dumps(record))
         atomic_write_text(self.state_dir / "keys" / spec.key, job_id)
 
@@ -398,7 +471,7 @@ class SlurmLauncher:
 
     def poll_many(self, job_ids: list[str]) -> dict[str, JobStatus]:
         """One sacct call for all jobs (with -D: one record per requeue, so restarts = records - 1)."""
-        ids = sorted({str(j) for j in job_ids if str(j).isdigit()}, key=int)
+        ids = sorted({str(j) for j in job_ids if _JOB_ID_RE.match(str(j))})
         result: dict[str, JobStatus] = {
             j: JobStatus(JobState.LOST, reason=f"not a SLURM job id: {j!r}") for j in job_ids if j not in ids
         }
@@ -413,7 +486,7 @@ class SlurmLauncher:
             if len(values) != len(_SACCT_FIELDS):
                 continue
             rec = dict(zip(_SACCT_FIELDS, values, strict=True))
-            records.setdefault(rec["JobIDRaw"], []).append(rec)
+            records.setdefault(rec["JobID"], []).append(rec)  # an array task keeps "A_i" across requeues
         missing = [j for j in ids if j not in records]
         queued = self._squeue(missing) if missing else {}
         for job_id in ids:
@@ -427,15 +500,17 @@ class SlurmLauncher:
 
     @staticmethod
     def _squeue(job_ids: list[str]) -> dict[str, JobStatus]:
-        """Jobs the controller knows but accounting has not (yet) answered for: just submitted or just ended."""
-        fields = "JobID:|,State:|,Reason:|,NodeList:|,exit_code:|"
-        out = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-O", fields])
+        """Jobs the controller knows but accounting has not (yet) answered for: just submitted or just ended,
+        and array tasks still pending (accounting holds them as one `A_[1-3%2]` record until they start)."""
+        fields = "JobID:|,ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,NodeList:|,exit_code:|"
+        out = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-O", fields])
         found: dict[str, JobStatus] = {}
         for line in out.stdout.splitlines():
             values = [v.strip() for v in line.split("|")]
-            if len(values) < 5 or not values[0].isdigit():
+            if len(values) < 7 or not values[0].isdigit():
                 continue
-            job_id, state, reason, node, raw = values[:5]
+            raw_id, array_id, task, state, reason, node, raw = values[:7]
+            job_id = f"{array_id}_{task}" if task.isdigit() else raw_id
             status = int(raw) if raw.isdigit() else 0  # a wait status: code << 8 | signal
             exit_code = f"{status >> 8}:{status & 0x7F}"
             record = {"State": state, "ExitCode": exit_code, "Reason": reason, "NodeList": node or "None assigned"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import event, pool
 
 from orchestrator.db.models import Base
 from orchestrator.db.session import make_engine
@@ -20,12 +22,21 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     engine = make_engine(url) if url.startswith("sqlite") else make_engine(url, poolclass=pool.NullPool)
+    sqlite = url.startswith("sqlite")
+    if sqlite:  # batch mode rebuilds tables that others reference: check the keys once, at the end
+
+        def _keys_off(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # outside any transaction, where it counts
+
+        event.listen(engine, "connect", _keys_off)
     with engine.connect() as connection:
-        context.configure(
-            connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite")
-        )
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
         with context.begin_transaction():
             context.run_migrations()
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"migration left foreign keys dangling: {broken[:5]}")
     engine.dispose()
 
 

@@ -1,0 +1,1 @@
+"""Sweeps: ablations and searches as first-class objects."""
