@@ -1,4 +1,4 @@
-"""`python -m evaluator knn|linear|det|seg --checkpoint CKPT --data DATA [--config tiny|full] [key=value ...]`."""
+"""`python -m evaluator BENCHMARK --checkpoint CKPT --data DATA [--config tiny|full] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exit codes: 0 done, 1 the evaluation failed, 2 bad input (checkpoint, data, config)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{knn,linear,det,seg,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*BENCHMARKS, "list"]) + "}")
     sub.add_parser("list", help="benchmarks, their versions and config hashes")
     for name, bench in BENCHMARKS.items():
         p = sub.add_parser(name, help=bench.description, description=f"{name} v{bench.version}: {bench.description}")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="evaluate a floor instead: 'random' = randomly initialised ViT of the checkpoint's shape"
             + (", 'pixels' = raw pixels" if bench.accepts_pixels else ""),
         )
-        if name in ("knn", "linear"):
+        if bench.feature_cache:
             p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default outputs/feature_cache)")
             p.add_argument(
                 "--no-cache", action="store_true", help="compute features without reading or writing the cache"
@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.presets import ConfigError
 
     if args.command == "list":
-        for entry in describe():
+        entries = describe()
+        width = max(len(entry["name"]) for entry in entries)
+        for entry in entries:
             configs = ", ".join(f"{k}={v[:12]}" for k, v in entry["configs"].items())
-            print(f"{entry['name']:<7} v{entry['version']}  {entry['description']}  [{configs}]")
+            print(f"{entry['name']:<{width}} v{entry['version']}  {entry['description']}  [{configs}]")
         return EXIT_OK
     bench = get_benchmark(args.command)
     progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())

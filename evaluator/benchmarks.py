@@ -1,10 +1,10 @@
 """The runnable benchmarks: each entry of `evaluator.config.BENCHMARKS` paired with the code that runs it.
 
 `evaluate(benchmark, checkpoint, dataset, config)` returns flat metrics named `<benchmark>/<metric>`
-(`knn/top1_k20`, `linear/top1`, `det/bbox_AP`, `det/segm_AP`, `seg/mIoU`, ...), all in percent. `run(...)`
-returns the same metrics with everything an evaluation record needs (benchmark version, config hash,
-checkpoint sha256, timing). Names, versions and configs live in `evaluator.config` (torch-free); this module
-only adds the runners.
+(`knn/top1_k20`, `linear/top1`, `det/bbox_AP`, `det/segm_AP`, `seg/mIoU`, `dense_linear/mIoU`, `knn_seg/mIoU`,
+...), all in percent. `run(...)` returns the same metrics with everything an evaluation record needs (benchmark
+version, config hash, checkpoint sha256, timing). Names, versions and configs live in `evaluator.config`
+(torch-free); this module only adds the runners.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from evaluator.backbones import Backbone, PixelFeatures, load_backbone, random_backbone
 from evaluator.config import BENCHMARKS as SPECS
 from evaluator.config import BenchmarkSpec, config_hash, describe, get_spec
+from evaluator.dense_probe import run_dense_linear, run_knn_seg
 from evaluator.detection import evaluate_detection
 from evaluator.features import FeatureCache
 from evaluator.knn import run_knn
@@ -62,8 +63,23 @@ def _seg(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, f
     return evaluate_segmentation(subject, root, cfg, ctx.progress)
 
 
+def _dense_linear(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, float]:
+    return run_dense_linear(subject, root, cfg, ctx.cache, ctx.progress)
+
+
+def _knn_seg(subject: Subject, root: Path, cfg: Any, ctx: RunContext) -> dict[str, float]:
+    return run_knn_seg(subject, root, cfg, ctx.cache, ctx.progress)
+
+
 #: The code behind each benchmark of the table (keyed by the table's names, nothing more).
-RUNNERS: dict[str, Runner] = {"knn": _knn, "linear": _linear, "det": _det, "seg": _seg}
+RUNNERS: dict[str, Runner] = {
+    "knn": _knn,
+    "linear": _linear,
+    "det": _det,
+    "seg": _seg,
+    "dense_linear": _dense_linear,
+    "knn_seg": _knn_seg,
+}
 
 
 class EvalResult(BaseModel):
@@ -134,7 +150,7 @@ class Benchmark:
         """
         if baseline == "pixels":
             if not self.accepts_pixels:
-                raise ConfigError(f"{self.name}: the raw-pixel baseline exists for knn and linear only")
+                raise ConfigError(f"{self.name}: the raw-pixel baseline exists for the probes only")
             return PixelFeatures()
         if checkpoint is None:
             raise ConfigError(f"{self.name}: a checkpoint is needed")

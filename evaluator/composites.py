@@ -23,14 +23,28 @@ Output, in the COCO and ADE20K layouts the loaders read:
   images/{train,val}/NNNNNN.jpg
   annotations/instances_{train,val}.json     COCO instances, RLE masks
   annotations/{train,val}/NNNNNN.png         semantic map: 0 background, k class, 255 ignore
+
+The optional `pretrain` split (`study()`, `python -m evaluator.composites study`) adds unlabelled scene-like
+images for self-supervised pretraining, in the ImageFolder layout the trainer reads with
+`data.dataset=imagefolder data.path=<out>/pretrain` (torchvision's ImageFolder needs one class level):
+  pretrain/unlabeled/NNNNNN.jpg
+  pretrain/provenance.json                   per image: background, pasted cut-outs, sha256
+Pretrain images draw on the probe-train sources (like ImageNet pretraining followed by a probe trained on
+ImageNet train): the sources are too few for a third disjoint pool (7 insect and 7 fish cut-outs, 33
+backgrounds), and val stays fully held out from both. Their own split code makes every image new; a
+content-hash check refuses any pretrain image equal to a probe image. docs/data-card-composites.md has
+the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import re
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -122,10 +136,30 @@ MIN_STAMP_SIDE = 48
 MIN_VISIBLE_FRACTION = 0.3
 MIN_VISIBLE_PIXELS = 64
 SPLITS = ("train", "val")
+PRETRAIN = "pretrain"
+#: The probe split whose cut-outs and backgrounds the pretrain split reuses; val shares none with either.
+PRETRAIN_SOURCES = "train"
+#: The single class folder of the pretrain ImageFolder (its label means nothing).
+PRETRAIN_CLASS = "unlabeled"
+#: Random-stream code of each split: train and val keep their version-1 codes, pretrain gets a new one.
+SPLIT_CODES = {"train": 0, "val": 1, PRETRAIN: 2}
+#: `study` defaults for a 2-core CPU: a few thousand 96-px pretraining images, a few hundred per probe split.
+STUDY_COUNTS = {PRETRAIN: 4000, "train": 400, "val": 200}
+STUDY_SIZE = 96
+DISJOINTNESS = (
+    "train and val share no cut-out (mirrored variants count as one) and no background; pretrain reuses the "
+    "train cut-outs and backgrounds but no image (own random stream, content hashes checked), so val is held "
+    "out from both pretraining and probe training"
+)
+_NUMBERED = re.compile(r"\d{6}\.(jpg|png)")
 
 
 class SourcesError(FileNotFoundError):
     """The Debian source images are missing (run scripts/fetch_composite_sources.sh)."""
+
+
+class DisjointnessError(RuntimeError):
+    """A pretraining image equals a probe image: pretraining would have seen evaluation data."""
 
 
 @dataclass(frozen=True)
@@ -306,16 +340,24 @@ def generate(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write a composites dataset to `out` and return its meta.json content."""
+    """Write a composites dataset to `out` and return its meta.json content.
+
+    `counts` maps train / val (and optionally pretrain) to image counts; without pretrain the output is
+    exactly that of generator version 1.
+    """
     from pycocotools import mask as mask_utils
     from tqdm import tqdm
 
+    unknown = set(counts) - {*SPLITS, PRETRAIN}
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}: expected {', '.join((*SPLITS, PRETRAIN))}")
     sources, out = Path(sources), Path(out)
     stamps = find_stamps(sources)
     splits = split_sources(stamps)
     categories = [{"id": i, "name": name, "supercategory": "object"} for i, name in enumerate(CLASSES, start=1)]
     summary: dict[str, Any] = {}
-    for split_code, split in enumerate(SPLITS):
+    for split in SPLITS:
+        split_code = SPLIT_CODES[split]
         n = counts.get(split, 0)
         pool, backgrounds = splits[split]["stamps"], splits[split]["backgrounds"]
         if n and (not pool or not backgrounds):
@@ -372,6 +414,12 @@ def generate(
             "cutouts": sorted({s.path for s in pool}),
             "backgrounds": [background_name(b) for b in backgrounds],
         }
+    if PRETRAIN in counts:
+        shared = splits[PRETRAIN_SOURCES]
+        summary[PRETRAIN] = _write_pretrain(
+            sources, out, counts[PRETRAIN], shared["stamps"], shared["backgrounds"], size, seed, progress
+        )
+        _check_content_disjoint(out, {s: counts.get(s, 0) for s in SPLITS})
     meta = {
         "name": NAME,
         "description": DESCRIPTION,
@@ -382,8 +430,104 @@ def generate(
         "sources": _sources_manifest(sources),
         "splits": summary,
     }
+    if PRETRAIN in counts:
+        meta["disjointness"] = DISJOINTNESS
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta
+
+
+def _write_pretrain(
+    sources: Path,
+    out: Path,
+    n: int,
+    stamps: list[Stamp],
+    backgrounds: list[str],
+    size: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The unlabelled pretrain images, an ImageFolder with one class, and their provenance."""
+    from tqdm import tqdm
+
+    if n and (not stamps or not backgrounds):
+        raise SourcesError(f"split {PRETRAIN} has {len(stamps)} stamps and {len(backgrounds)} backgrounds")
+    folder = out / PRETRAIN / PRETRAIN_CLASS
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale(folder, n, ".jpg")  # ImageFolder would count leftovers of a bigger earlier run
+    records: list[dict[str, Any]] = []
+    pasted = 0
+    for index in tqdm(range(n), desc=f"composites {PRETRAIN}", disable=not progress, leave=False):
+        rng = np.random.default_rng([seed, SPLIT_CODES[PRETRAIN], index])
+        image, instances, background = compose(sources, stamps, backgrounds, rng, size)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95, subsampling=0)
+        data = buffer.getvalue()
+        name = f"{index:06d}.jpg"
+        (folder / name).write_bytes(data)
+        pasted += len(instances)
+        records.append(
+            {
+                "file": f"{PRETRAIN_CLASS}/{name}",
+                "background": background,
+                "cutouts": [inst.cutout for inst in instances],
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    provenance = {"name": NAME, "version": GENERATOR_VERSION, "seed": seed, "size": size, "images": records}
+    atomic_write_text(out / PRETRAIN / "provenance.json", json.dumps(provenance, separators=(",", ":")))
+    return {
+        "images": n,
+        "folder": f"{PRETRAIN}/{PRETRAIN_CLASS}",
+        "labels": None,
+        "sources_from": PRETRAIN_SOURCES,
+        "pasted_cutouts": pasted,
+        "cutouts": sorted({s.path for s in stamps}),
+        "backgrounds": [background_name(b) for b in backgrounds],
+    }
+
+
+def _remove_stale(folder: Path, keep: int, suffix: str) -> None:
+    """Delete numbered files at index >= keep, so a folder holds exactly one run's images."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if _NUMBERED.fullmatch(path.name) and path.suffix == suffix and int(path.stem) >= keep:
+            path.unlink()
+
+
+def _check_content_disjoint(out: Path, counts: dict[str, int]) -> None:
+    """Refuse a dataset whose pretrain folder holds a probe image, byte for byte."""
+    provenance = json.loads((out / PRETRAIN / "provenance.json").read_text())
+    pretrain = {r["sha256"]: r["file"] for r in provenance["images"]}
+    for split, n in counts.items():
+        for index in range(n):
+            path = out / "images" / split / f"{index:06d}.jpg"
+            found = pretrain.get(hashlib.sha256(path.read_bytes()).hexdigest())
+            if found:
+                raise DisjointnessError(f"pretrain image {found} equals probe image {path}")
+
+
+def study(
+    sources: Path | str,
+    out: Path | str,
+    *,
+    pretrain: int = STUDY_COUNTS[PRETRAIN],
+    train: int = STUDY_COUNTS["train"],
+    val: int = STUDY_COUNTS["val"],
+    size: int = STUDY_SIZE,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A pretraining study set in one call: unlabelled scene-like images plus disjoint probe splits.
+
+    The defaults fit a 2-core CPU study (see docs/data-card-composites.md); returns meta.json's content.
+    """
+    out = Path(out)
+    for split, n in (("train", train), ("val", val)):  # a rerun with fewer images leaves no strays
+        _remove_stale(out / "images" / split, n, ".jpg")
+        _remove_stale(out / "annotations" / split, n, ".png")
+    counts = {"train": train, "val": val, PRETRAIN: pretrain}
+    return generate(sources, out, counts, size=size, seed=seed, progress=progress)
 
 
 def _sources_manifest(sources: Path) -> list[str]:
@@ -392,10 +536,15 @@ def _sources_manifest(sources: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if args_list[:1] == ["study"]:
+        return _study_main(args_list[1:])
     parser = argparse.ArgumentParser(
         prog="python -m evaluator.composites",
         description=f"Generate {NAME}: {DESCRIPTION}. Deterministic for a given seed; train and val share no "
         "cut-out and no background. Fetch the sources first: scripts/fetch_composite_sources.sh data",
+        epilog="`python -m evaluator.composites study --help`: the pretraining study set (unlabelled "
+        "pretrain images plus probe splits) in one command.",
     )
     parser.add_argument("--sources", type=Path, default=Path("data/composite-sources"), help="unpacked Debian sources")
     parser.add_argument("--out", type=Path, default=Path("data/composites"), help="output dataset folder")
@@ -403,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=250, help="validation images (default 250)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if min(args.train, args.val) < 0 or args.size < 32:
         print("error: image counts must be >= 0 and --size >= 32", file=sys.stderr)
         return 2
@@ -419,12 +568,60 @@ def main(argv: list[str] | None = None) -> int:
     except SourcesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _print_summary(meta)
+    print(f"wrote {args.out} ({NAME}; never call it COCO)")
+    return 0
+
+
+def _print_summary(meta: dict[str, Any]) -> None:
     for split, info in meta["splits"].items():
+        if split == PRETRAIN:
+            objects = f"{info['pasted_cutouts']} pasted cut-outs (unlabelled)"
+        else:
+            objects = f"{info['instances']} instances"
         print(
-            f"{split}: {info['images']} images, {info['instances']} instances, {len(info['cutouts'])} cut-outs, "
+            f"{split}: {info['images']} images, {objects}, {len(info['cutouts'])} cut-outs, "
             f"{len(info['backgrounds'])} backgrounds"
         )
-    print(f"wrote {args.out} ({NAME}; never call it COCO)")
+
+
+def _study_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluator.composites study",
+        description=f"Generate a pretraining study set of {NAME}: unlabelled scene-like images for the trainer "
+        f"(ImageFolder <out>/{PRETRAIN}) plus probe splits in the COCO / ADE20K layouts (<out>). {DISJOINTNESS}. "
+        "See docs/data-card-composites.md.",
+    )
+    parser.add_argument("--sources", type=Path, default=Path("data/composite-sources"), help="unpacked Debian sources")
+    parser.add_argument("--out", type=Path, default=Path("data/composites-study"), help="output dataset folder")
+    for split, what in ((PRETRAIN, "unlabelled pretraining"), ("train", "probe-train"), ("val", "probe-val")):
+        default = STUDY_COUNTS[split]
+        parser.add_argument(f"--{split}", type=int, default=default, help=f"{what} images (default {default})")
+    parser.add_argument("--size", type=int, default=STUDY_SIZE, help=f"image side in pixels (default {STUDY_SIZE})")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.pretrain, args.train, args.val) < 0 or args.size < 32:
+        print("error: image counts must be >= 0 and --size >= 32", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        meta = study(
+            args.sources,
+            args.out,
+            pretrain=args.pretrain,
+            train=args.train,
+            val=args.val,
+            size=args.size,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+        )
+    except (SourcesError, DisjointnessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_summary(meta)
+    print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s ({NAME}; never call it COCO)")
+    print(f"  pretrain: python -m trainer ... data.dataset=imagefolder data.path={args.out / PRETRAIN}")
+    print(f"  probes:   python -m evaluator det|seg ... --data {args.out}")
     return 0
 
 

@@ -9,7 +9,8 @@ Each benchmark has a `full` config (the papers' protocol, spec section 3) and a 
 deliberate:
   * knn/linear: 32-px resize/crop (the models' input size), seeded 10k/5k subsets of train/test, cached
     centre-crop features (no augmentation), linear base_lr 0.1 (DINO's 1e-3 barely moves in 100 epochs);
-  * det/seg: frozen backbone (a dense probe, no ViT backward), 96-px images, slim FPN/heads, 100 steps.
+  * det/seg: frozen backbone (a dense probe, no ViT backward), 96-px images, slim FPN/heads, 100 steps;
+  * dense_linear/knn_seg: 64-px centre crops, seeded 500/200-image subsets, 300 head steps, a 20k-patch bank.
 """
 
 from __future__ import annotations
@@ -200,6 +201,69 @@ class SegmentationConfig(_Config):
     seed: int = 0
 
 
+# ------------------------------------------------------------------ patch-level probes (dense_linear, knn_seg)
+
+
+class PatchProbeConfig(_Config):
+    """What both patch-level probes read: data, subsets, geometry and the cached per-patch features.
+
+    Images and label maps are resized (short side) and centre-cropped alike, so every image gives the same
+    patch grid and the features of a split cache as one tensor; scores are computed at the crop resolution.
+    """
+
+    transform: ImageTransform = Field(
+        default_factory=lambda: ImageTransform(resize=448, crop=448, interpolation="bilinear"),
+        description="Resize the short side, centre-crop (a multiple of the patch size); labels follow (nearest).",
+    )
+    n_last_blocks: int = Field(
+        1, ge=1, le=48, description="Concatenate the (normed) patch tokens of the last n blocks; 1 = last block."
+    )
+    pixel_patch_size: int = Field(
+        16, ge=1, description="Patch side of the raw-pixel baseline (use the compared backbones' patch size)."
+    )
+    feature_dtype: Literal["float32", "float16"] = Field(
+        "float16", description="Storage type of cached patch features (float16 halves a full-size cache)."
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train_images: int | None = Field(None, ge=1, description="Seeded random subset of the train split.")
+    max_val_images: int | None = Field(None, ge=1, description="Seeded random subset of the val split.")
+    batch_size: int = Field(32, ge=1, description="Images per forward pass while extracting.")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers while extracting.")
+    device: Device = "auto"
+    seed: int = Field(0, ge=0, description="Seeds the subsets, the head and the bank subsampling.")
+
+
+class DenseLinearConfig(PatchProbeConfig):
+    """Linear per-patch classifier on frozen patch features, DINOv2-style (defaults: ViT-S/16 on ADE20K)."""
+
+    standardize: bool = Field(
+        True, description="Standardise each feature channel with train-set statistics (a fixed BatchNorm)."
+    )
+    iterations: int = Field(40000, ge=1, description="Optimiser steps.")
+    train_batch_size: int = Field(16, ge=1, description="Images (all their patches) per step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    poly_power: float = Field(1.0, gt=0, description="Poly decay to 0 after the warm-up (1.0 = linear).")
+    warmup_iters: int = Field(1500, ge=0)
+    warmup_ratio: float = Field(1e-6, gt=0, le=1)
+
+
+class KnnSegConfig(PatchProbeConfig):
+    """k-NN segmentation: each val patch takes the exp(sim/T)-weighted vote of its k nearest train patches."""
+
+    k: int = Field(20, ge=1, description="Neighbours per validation patch.")
+    temperature: float = Field(0.07, gt=0, description="Vote weight exp(sim / T), as in the k-NN probe.")
+    max_ignore_fraction: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Train patches with a larger share of ignore pixels stay out of the bank."
+    )
+    max_bank_patches: int | None = Field(
+        1_000_000, ge=1, description="Seeded random subset of the train patches when the bank is larger."
+    )
+    query_chunk: int = Field(512, ge=1, description="Validation patches per similarity block (memory only).")
+
+
 # ------------------------------------------------------------------------------------------ the table
 
 
@@ -223,6 +287,7 @@ class BenchmarkSpec:
     presets: Mapping[str, BaseModel]
     accepts_pixels: bool = False
     data: str = ""  # the dataset layout it reads, for help texts
+    feature_cache: bool = False  # frozen features are cached by checkpoint sha256 + dataset + transform
 
     def config(self, config: str | BaseModel | Mapping[str, Any] = "tiny", overrides: Sequence[str] = ()) -> BaseModel:
         """A preset name ('tiny', 'full'), a config object or a dict, plus dotted `key=value` overrides.
@@ -259,6 +324,16 @@ _TINY_PROBE: dict[str, Any] = {
     "num_workers": 0,
 }
 _PROBE_DATA = "Fashion-MNIST idx folder, or an ImageNet-style root with train/ and val/ class folders"
+_SEG_DATA = "ADE20K-layout root: images/<split>/ + annotations/<split>/ (+ meta.json or objectInfo150.csv)"
+_TINY_PATCH_PROBE: dict[str, Any] = {
+    "transform": ImageTransform(resize=64, crop=64, interpolation="bilinear"),
+    "pixel_patch_size": 4,
+    "feature_dtype": "float32",
+    "max_train_images": 500,
+    "max_val_images": 200,
+    "batch_size": 64,
+    "num_workers": 0,
+}
 
 #: Every benchmark, once: `evaluator.benchmarks` pairs each entry with the code that runs it.
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -272,6 +347,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "full": KnnConfig(batch_size=128, num_workers=10),
         },
         accepts_pixels=True,
+        feature_cache=True,
         data=_PROBE_DATA,
     ),
     "linear": BenchmarkSpec(
@@ -284,6 +360,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "full": LinearConfig(batch_size=128, num_workers=10),
         },
         accepts_pixels=True,
+        feature_cache=True,
         data=_PROBE_DATA,
     ),
     "det": BenchmarkSpec(
@@ -334,7 +411,35 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ),
             "full": SegmentationConfig(num_workers=4),
         },
-        data="ADE20K-layout root: images/<split>/ + annotations/<split>/ (+ meta.json or objectInfo150.csv)",
+        data=_SEG_DATA,
+    ),
+    "dense_linear": BenchmarkSpec(
+        name="dense_linear",
+        version="1",
+        description="linear per-patch classifier on frozen last-block patch tokens, upsampled logits, mIoU",
+        config_type=DenseLinearConfig,
+        presets={
+            "tiny": DenseLinearConfig(
+                **_TINY_PATCH_PROBE, iterations=300, train_batch_size=8, lr=3e-2, warmup_iters=20
+            ),
+            "full": DenseLinearConfig(),
+        },
+        accepts_pixels=True,
+        feature_cache=True,
+        data=_SEG_DATA,
+    ),
+    "knn_seg": BenchmarkSpec(
+        name="knn_seg",
+        version="1",
+        description="k-NN segmentation: cosine vote (T=0.07) of the k nearest train patches, mIoU",
+        config_type=KnnSegConfig,
+        presets={
+            "tiny": KnnSegConfig(**_TINY_PATCH_PROBE, max_bank_patches=20_000, query_chunk=1024),
+            "full": KnnSegConfig(),
+        },
+        accepts_pixels=True,
+        feature_cache=True,
+        data=_SEG_DATA,
     ),
 }
 
@@ -363,11 +468,14 @@ __all__ = [
     "ConfigError",
     "ConfigName",
     "DenseBackboneConfig",
+    "DenseLinearConfig",
     "DetectionConfig",
     "FeatureSpec",
     "ImageTransform",
     "KnnConfig",
+    "KnnSegConfig",
     "LinearConfig",
+    "PatchProbeConfig",
     "ProbeConfig",
     "SegmentationConfig",
     "config_hash",

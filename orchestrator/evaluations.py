@@ -21,7 +21,7 @@ from evaluator.config import config_hash, get_spec
 from orchestrator.db.models import Checkpoint, Evaluation, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError
 from orchestrator.jobs.files import JobFile, JobResult
-from orchestrator.jobs.kinds import Context
+from orchestrator.jobs.kinds import Context, KindDefaults
 from orchestrator.jobs.records import get_job, parse_uuid, record_event
 from orchestrator.lifecycle import EVALUATION, Status
 from orchestrator.schemas import EvalPolicy, EvalSpec, EvaluationCreate, JobReport
@@ -241,7 +241,7 @@ def error_of(evaluation: Evaluation) -> str | None:
     return failed[-1] if failed else None
 
 
-class EvaluateKind:
+class EvaluateKind(KindDefaults):
     """The service side of evaluation jobs."""
 
     lifecycle = EVALUATION
@@ -261,18 +261,6 @@ class EvaluateKind:
             "cache_dir": str(ctx.settings.home.resolve() / "feature-cache"),
         }
         return ctx.job_file(job, payload, run.mlflow_experiment_id, run.mlflow_run_id)
-
-    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
-        return None
-
-    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
-        return None
-
-    def housekeeping(self, ctx: Context, db: Any) -> list[str]:
-        return []
-
-    def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
-        pass
 
     def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Evaluation)

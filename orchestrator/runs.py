@@ -20,7 +20,7 @@ from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import plan_final, plan_for_checkpoint
 from orchestrator.experiments import get_or_create_experiment
 from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
-from orchestrator.jobs.kinds import Context
+from orchestrator.jobs.kinds import Context, KindDefaults
 from orchestrator.jobs.records import get_job, record_event
 from orchestrator.jobs.train import train_dir
 from orchestrator.launchers import LAUNCHERS
@@ -29,7 +29,7 @@ from orchestrator.lifecycle import RUN, Status
 from orchestrator.pages import page, page_after
 from orchestrator.schemas import JobReport, RunCreate
 from orchestrator.settings import Settings
-from orchestrator.strict import Count, FilePath
+from orchestrator.strict import Count, FilePath, Reason
 from trainer.config import TrainConfig
 from trainer.files import LATEST, sha256_file
 from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
@@ -214,6 +214,43 @@ def ingest_checkpoints(session: Session, settings: Settings, run: Run, attempt: 
         )
 
 
+class CollapseEntry(BaseModel):
+    """A collapse line of the trainer's log.jsonl (trainer/diagnostics.py), as the service trusts it."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    head: Literal["cls", "patch"]
+    mode: Literal["uniform", "one-hot"]
+    iteration: Count
+    ratio: float = Field(ge=0.0, le=10.0)
+    reason: Reason
+
+
+def ingest_collapse(session: Session, run: Run, actor: str) -> None:
+    """The trainer found the run collapsed: an event of the run and `progress.collapsed` (REST shows it)."""
+    if run.progress.get("collapsed"):
+        return
+    log_file = Path(run.output_dir) / "log.jsonl"
+    if not log_file.exists():
+        return
+    for line in log_file.read_text(errors="replace").splitlines():
+        if '"collapse"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("event") != "collapse":
+            continue
+        try:
+            entry = CollapseEntry.model_validate(record)
+        except ValidationError as exc:
+            raise JobFileError(f"log.jsonl: invalid collapse entry: {str(exc).splitlines()[0][:200]}") from exc
+        run.progress = {**run.progress, "collapsed": entry.model_dump(mode="json")}
+        record_event(session, run, "collapsed", actor, entry.reason, head=entry.head, mode=entry.mode)
+        return
+
+
 class CheckpointEntry(BaseModel):
     """A checkpoint line of the trainer's log.jsonl, as the service trusts it."""
 
@@ -226,7 +263,7 @@ class CheckpointEntry(BaseModel):
     kind: Literal["epoch", "periodic", "step", "interrupt"] = "epoch"
 
 
-class TrainKind:
+class TrainKind(KindDefaults):
     """The service side of pretraining jobs."""
 
     lifecycle = RUN
@@ -251,18 +288,10 @@ class TrainKind:
         """Tags beyond the run's own (a sweep's trials add theirs and their parent run)."""
         return {}
 
-    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
-        return None
-
-    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
-        return None
-
-    def housekeeping(self, ctx: Context, db: Any) -> list[str]:
-        return []
-
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         assert isinstance(job, Run)
         ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
+        ingest_collapse(session, job, "reconciler")
 
     def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Run)
@@ -274,9 +303,6 @@ class TrainKind:
         if job.experiment.eval_policy.get("benchmarks"):
             plan_final(session, ctx.settings, job)
         return True, "training completed"
-
-    def retry_failure(self, job: Job) -> str | None:
-        return None  # a failed run stays failed; `retry` makes a new run
 
     def report(self, ctx: Context, session: Session, job: Job, report: JobReport, actor: str) -> None:
         assert isinstance(job, Run)
@@ -307,9 +333,6 @@ class TrainKind:
                 kind=report.checkpoint_kind or "epoch",
                 actor=actor,
             )
-
-    def terminal(self, session: Session, job: Job, actor: str) -> None:
-        pass
 
 
 TRAIN = TrainKind()

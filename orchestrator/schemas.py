@@ -196,6 +196,9 @@ class RunPublic(BaseModel):
     retry_of: uuid.UUID | None
     output_dir: str
     progress: dict[str, Any]
+    collapsed: str | None = Field(
+        None, description="Why the trainer flagged the run as collapsed (DINO's collapse diagnostics), or null."
+    )
     mlflow_run_id: str | None
     mlflow_url: str | None
     created_by: str

@@ -45,7 +45,9 @@ def test_benchmark_names_come_from_the_table_and_validate() -> None:
     assert Request(benchmark="seg").benchmark == "seg"
     with pytest.raises(ValidationError):
         Request(benchmark="linear_probe")
-    with pytest.raises(ConfigError, match="unknown benchmark 'knnn'; choose from knn, linear, det, seg") as info:
+    with pytest.raises(
+        ConfigError, match="unknown benchmark 'knnn'; choose from knn, linear, det, seg, dense_linear, knn_seg"
+    ) as info:
         get_spec("knnn")
     assert info.value.field == "benchmark"
 

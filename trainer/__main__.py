@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG if isinstance(exc, ConfigError | DatasetError) else EXIT_FAILED
+    if result.status == "collapsed":
+        print(f"error: {result.reason}; stopped (collapse.stop=true), checkpoint {result.checkpoint}", file=sys.stderr)
+        return EXIT_FAILED
     if result.status == "interrupted":
         print(
             f"interrupted at iteration {result.iteration} ({result.reason}); rerun the same command to resume",

@@ -18,7 +18,7 @@ class CheckpointInfo:
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" or "interrupted"
+    status: str  # "completed", "interrupted" (resume to continue) or "collapsed" (stopped: collapse.stop)
     epoch: int
     iteration: int
     checkpoint: Path | None
@@ -39,6 +39,9 @@ class TrainCallback:
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         pass
+
+    def on_collapse(self, record: dict[str, Any]) -> None:
+        """The run was found collapsed (`record` is its log.jsonl entry)."""
 
     def on_end(self, result: TrainResult) -> None:
         pass

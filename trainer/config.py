@@ -320,11 +320,30 @@ class LoggingConfig(_Section):
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar: auto = when on a terminal.")
 
 
+class CollapseConfig(_Section):
+    """DINO's collapse diagnostics (logged as `diag/...` every `logging.log_every` steps) and when a run counts
+    as collapsed: its teacher stays near-uniform or near one-hot for `windows` checks in a row."""
+
+    uniform_ratio: float = Field(
+        0.97, gt=0.0, le=1.0, description="Collapsed to uniform when H(P_t) > this x ln K (teacher entropy)."
+    )
+    onehot_ratio: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Collapsed to one-hot when H(mean P_t) < this x ln K (batch-mean entropy)."
+    )
+    after: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of training before checking (a random teacher starts near-uniform)."
+    )
+    windows: Integer = Field(3, ge=1, le=10_000, description="Consecutive log steps the condition must hold.")
+    stop: bool = Field(
+        False, description="Stop a collapsed run (checkpoint, then fail with the reason); default: only flag it."
+    )
+
+
 #: Fields that say where and how to observe a run, not what is computed: left out of the config hash. The
 #: dataset's path is where it lives, not what it is: the same preset hashes the same in every clone and on
 #: every cluster (the path is recorded with the config, beside the hash).
 UNHASHED_FIELDS: frozenset[str] = frozenset(
-    {"checkpoint", "logging", "data.num_workers", "data.path", "stop_at_step", "device"}
+    {"checkpoint", "logging", "data.num_workers", "data.path", "stop_at_step", "device", "collapse"}
 )
 
 
@@ -351,6 +370,7 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
     @field_validator("crops")
     @classmethod

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from trainer.config import TrainConfig
+from trainer.diagnostics import step_diagnostics
 from trainer.distributed import DistInfo
 from trainer.losses import MultiCropLoss
-from trainer.models.wrapper import DINOModel, SelfPatchModel, build_model
+from trainer.models.wrapper import DINOModel, MultiCropOutput, SelfPatchModel, build_model
 from trainer.optim import (
     build_optimizer,
     cancel_last_layer_gradients,
@@ -31,6 +32,7 @@ class StepValues:
     loss: float
     cls_loss: float
     patch_loss: float | None
+    diagnostics: dict[str, float] = field(default_factory=dict)  # `diag/...` on steps asked to diagnose
 
 
 @dataclass
@@ -74,9 +76,18 @@ class Engine:
         return self.cfg.method == "selfpatch" and self.cfg.selfpatch.teacher_all_crops
 
     def step(
-        self, crops: list[torch.Tensor], *, epoch: int, lr: float, weight_decay: float, momentum: float, temp: float
+        self,
+        crops: list[torch.Tensor],
+        *,
+        epoch: int,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        temp: float,
+        diagnose: bool = False,
     ) -> StepValues:
-        """Teacher and student forward, loss, backward with per-tensor clipping, AdamW step, teacher EMA."""
+        """Teacher and student forward, loss, backward with per-tensor clipping, AdamW step, teacher EMA; with
+        `diagnose`, also the collapse diagnostics of both heads (against the centers the loss uses)."""
         cfg = self.cfg
         set_schedule_values(self.optimizer, lr, weight_decay)
         batch = crops[0].shape[0]
@@ -87,6 +98,7 @@ class Engine:
             with torch.no_grad():
                 teacher_out = self.teacher(crops if self.teacher_all_crops else crops[:2], match=True)
             student_out = self.student_ddp(crops)
+            diagnostics = self.diagnostics(teacher_out, student_out, temp) if diagnose else {}
             terms = self.loss_fn(
                 student_out.cls_logits,
                 teacher_out.cls_logits,
@@ -119,4 +131,19 @@ class Engine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         ema_update(self.teacher.parameters(), self.student.parameters(), momentum)
-        return StepValues(loss_value, terms.cls.item(), None if terms.patch is None else terms.patch.item())
+        patch = None if terms.patch is None else terms.patch.item()
+        return StepValues(loss_value, terms.cls.item(), patch, diagnostics)
+
+    def diagnostics(self, teacher: MultiCropOutput, student: MultiCropOutput, temp: float) -> dict[str, float]:
+        """Collapse diagnostics of the image head and (SelfPatch) the patch head, on the views both saw."""
+        rows = teacher.cls_logits.shape[0]
+        heads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {
+            "cls": (teacher.cls_logits, student.cls_logits[:rows], self.loss_fn.center, teacher.features)
+        }
+        if teacher.patch_logits and self.loss_fn.has_patch_term:
+            pairs = list(zip(teacher.patch_logits, student.patch_logits, strict=False))
+            logits_t = torch.cat([t.reshape(-1, t.shape[-1]) for t, _ in pairs])
+            logits_s = torch.cat([s[: t.shape[0]].reshape(-1, s.shape[-1]) for t, s in pairs])
+            feats = [f.reshape(-1, f.shape[-1]) for f in teacher.patch_features or []]
+            heads["patch"] = (logits_t, logits_s, self.loss_fn.patch_center, torch.cat(feats) if feats else None)
+        return step_diagnostics(heads, temp, self.cfg.loss.student_temp)

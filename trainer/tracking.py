@@ -20,6 +20,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
     def finish(self, status: str) -> None: ...
 
 
@@ -30,6 +31,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
         pass
 
     def finish(self, status: str) -> None:
@@ -125,6 +129,10 @@ class MLflowTracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.run_id:
+            self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str) -> None:
         """status: FINISHED, FAILED or KILLED (a preempted attempt leaves the run RUNNING for its successor)."""

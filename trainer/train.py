@@ -30,6 +30,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig
 from trainer.data.loader import build_loader
+from trainer.diagnostics import Collapse, CollapseDetector, ratios
 from trainer.distributed import DistInfo, any_flag, barrier, cleanup, init_distributed
 from trainer.engine import Engine
 from trainer.files import LATEST, numbered_name, sha256_file
@@ -257,6 +258,15 @@ def _train(
     stop_at = cfg.stop_at_step
     result_status, reason = "completed", None
     meter = Meter()
+    out_dims = {"cls": cfg.head.out_dim} | ({"patch": cfg.selfpatch.out_dim} if cfg.method == "selfpatch" else {})
+    detector = CollapseDetector(
+        out_dims,
+        cfg.collapse.uniform_ratio,
+        cfg.collapse.onehot_ratio,
+        start=int(cfg.collapse.after * total_iters),
+        windows=cfg.collapse.windows,
+    )
+    collapsed: Collapse | None = None
     start_time = time.time()
     with PreemptionFlag() as preemption:
         start_epoch = iteration // iters_per_epoch
@@ -273,6 +283,7 @@ def _train(
                 it = iteration
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 batch = crops[0].shape[0]
+                logs_now = (it + 1) % cfg.logging.log_every == 0 or it + 1 == total_iters
                 step = engine.step(
                     crops,
                     epoch=epoch,
@@ -280,6 +291,7 @@ def _train(
                     weight_decay=float(schedules.weight_decay[it]),
                     momentum=float(schedules.momentum[it]),
                     temp=temp,
+                    diagnose=info.is_main and logs_now,
                 )
                 iteration += 1
 
@@ -300,14 +312,31 @@ def _train(
                             "epoch": iteration / iters_per_epoch,
                         }
                     )
+                    metrics.update(step.diagnostics)
+                    metrics.update(ratios(step.diagnostics, out_dims))
                     last_metrics = metrics
                     tracker.log_metrics(metrics, step=iteration)
                     jsonl.write({"event": "step", "iteration": iteration, **metrics})
                     for cb in callbacks:
                         cb.on_log(iteration, metrics)
+                    found = detector.update(iteration, step.diagnostics)
+                    if found is not None:
+                        collapsed = found
+                        record = {"event": "collapse", "iteration": iteration, "head": found.head, "mode": found.mode}
+                        record |= {"ratio": found.ratio, "reason": found.reason(), "stop": cfg.collapse.stop}
+                        jsonl.write(record)
+                        tracker.set_tag("orch.collapsed", f"{found.mode}:{found.head}")
+                        log.warning("%s", found.reason())
+                        for cb in callbacks:
+                            cb.on_collapse(record)
                     if interactive:
                         batches.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
 
+                # with collapse.stop, every rank learns of rank 0's finding and stops at the same step
+                if cfg.collapse.stop and any_flag(collapsed is not None, info, device):
+                    reason = collapsed.reason() if collapsed is not None else "collapsed (found by rank 0)"
+                    result_status = "collapsed"
+                    break
                 stop_requested = any_flag(preemption.requested, info, device)
                 if stop_requested or (stop_at is not None and iteration >= stop_at):
                     reason = f"signal {preemption.signal_name}" if stop_requested else f"stop_at_step={stop_at}"
@@ -316,7 +345,7 @@ def _train(
                 every = cfg.checkpoint.every_n_steps
                 if every and iteration % every == 0 and iteration % iters_per_epoch:
                     save("step", iteration // iters_per_epoch)
-            if result_status == "interrupted":
+            if result_status != "completed":
                 break
 
             # ============ end of epoch: log and checkpoint ============
@@ -338,7 +367,7 @@ def _train(
     # ============ finish ============
     checkpoint_path: Path | None = latest if latest.exists() else None
     manifest_path = None
-    if result_status == "interrupted":
+    if result_status != "completed":  # interrupted (resume it) or collapsed (look at it)
         save("interrupt", iteration // iters_per_epoch)
         log.warning("stopped at iteration %d (%s); checkpoint %s", iteration, reason, latest)
     elif info.is_main and checkpoint_path is not None:
@@ -349,7 +378,7 @@ def _train(
         manifest_path = out_dir / "export" / MANIFEST
         tracker.log_artifact(manifest_path)
     barrier(info)
-    tracker.finish("KILLED" if result_status == "interrupted" else "FINISHED")
+    tracker.finish({"interrupted": "KILLED", "collapsed": "FAILED"}.get(result_status, "FINISHED"))
     result = TrainResult(
         status=result_status,
         epoch=iteration // iters_per_epoch,

@@ -48,6 +48,7 @@ def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
         retry_of=run.retry_of_id,
         output_dir=run.output_dir,
         progress=run.progress,
+        collapsed=(run.progress.get("collapsed") or {}).get("reason"),
         mlflow_run_id=run.mlflow_run_id,
         mlflow_url=mlflow.run_url(run.mlflow_experiment_id, run.mlflow_run_id),
         created_by=run.created_by,

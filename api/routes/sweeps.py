@@ -69,7 +69,8 @@ def create(
         def render(spec: SweepSpec) -> str:
             launcher = spec.launcher_name or state.settings.default_launcher
             kind = "search" if spec.search is not None else "trial"
-            folder = state.settings.runs_root / f"<{kind}-id>"
+            root = state.settings.home.resolve() / "searches" if spec.search else state.settings.runs_root
+            folder = root / f"<{kind}-id>"
             resources = spec.resources.model_dump(mode="json")
             if spec.search is not None:
                 resources = driver_resources(spec)

@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from api.shell.client import DEFAULT_URL, ApiError, Client, find_token
+from evaluator.config import BENCHMARKS
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -391,7 +392,7 @@ def eval_line(e: dict[str, Any]) -> str:
 @evals_app.command("list")
 def evals_list(
     run: Annotated[str | None, typer.Option(help="Only this run's evaluations.")] = None,
-    benchmark: Annotated[str | None, typer.Option(help="knn, linear, det or seg.")] = None,
+    benchmark: Annotated[str | None, typer.Option(help=f"One of {', '.join(BENCHMARKS)}.")] = None,
     status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, ...")] = None,
     limit: Annotated[int, typer.Option(help="Page size.")] = 50,
     url: Url = DEFAULT_URL,
@@ -448,7 +449,7 @@ def evals_compare(
 @evals_app.command("run")
 def evals_run(
     checkpoint_id: Annotated[str, typer.Argument(help="A recorded checkpoint's id (runs show lists them).")],
-    benchmark: Annotated[str, typer.Option(help="knn, linear, det or seg.")],
+    benchmark: Annotated[str, typer.Option(help=f"One of {', '.join(BENCHMARKS)}.")],
     data: Annotated[str, typer.Option(help="Dataset root.")],
     config: Annotated[str, typer.Option(help="tiny or full.")] = "tiny",
     launcher: Annotated[str | None, typer.Option(help="local, slurm, ray.")] = None,

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from orchestrator.jobs.files import EXIT_BAD_JOB, EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, JobFile, write_result
+from orchestrator.jobs.files import (
+    EXIT_BAD_JOB,
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    JobFile,
+    lacks_payload,
+    write_result,
+)
 from orchestrator.jobs.reporter import Reporter
 
 log = logging.getLogger("orchestrator.jobs")
@@ -58,11 +65,6 @@ def log_child_run(job: JobFile, status: str, metrics: dict[str, float], extra_ta
         return None
 
 
-def _beat(reporter: Reporter, stop: threading.Event, every_s: float) -> None:
-    while not stop.wait(every_s):
-        reporter.send("heartbeat")
-
-
 def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> int:
     from evaluator.benchmarks import get_benchmark
     from trainer.checkpoint import CheckpointError
@@ -71,9 +73,7 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     from trainer.presets import ConfigError
 
     payload = job.payload
-    missing = [key for key in PAYLOAD if key not in payload]
-    if missing:
-        write_result(folder, attempt, "failed", reason=f"bad job file: payload lacks {', '.join(missing)}")
+    if lacks_payload(job, folder, attempt, PAYLOAD):
         return EXIT_BAD_JOB
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -82,8 +82,7 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     signal.signal(signal.SIGTERM, interrupt)
     reporter = Reporter(job, attempt)
     reporter.start()
-    stop = threading.Event()
-    threading.Thread(target=_beat, args=(reporter, stop, heartbeat_s), daemon=True).start()
+    stop = reporter.beat_every(heartbeat_s)
     try:
         checkpoint = Path(str(payload["checkpoint"]))
         if not checkpoint.is_file():
@@ -100,14 +99,14 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     except StopRequestedError as exc:
         write_result(folder, attempt, "interrupted", reason=str(exc))
         reporter.send("end", status="interrupted", reason=str(exc))
-        return _finish(reporter, stop, EXIT_INTERRUPTED)
+        return reporter.finish(stop, EXIT_INTERRUPTED)
     except (CheckpointError, DatasetError, ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         mlflow_run = log_child_run(job, "FAILED", {}, {"error": error[:500]})
         reason = f"{type(exc).__name__}: {error}"
         write_result(folder, attempt, "failed", reason=reason, mlflow_run_id=mlflow_run)
         reporter.send("end", status="failed", reason=reason)
-        return _finish(reporter, stop, EXIT_FAILED)
+        return reporter.finish(stop, EXIT_FAILED)
     mlflow_run = log_child_run(job, "FINISHED", result.metrics, {"benchmark_version": result.version})
     details: dict[str, Any] = {"version": result.version, "config_hash": result.config_hash}
     write_result(
@@ -120,11 +119,4 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
         **details,
     )
     reporter.send("end", status="completed")
-    return _finish(reporter, stop, EXIT_COMPLETED)
-
-
-def _finish(reporter: Reporter, stop: threading.Event, code: int) -> int:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    stop.set()
-    reporter.close()
-    return code
+    return reporter.finish(stop, EXIT_COMPLETED)

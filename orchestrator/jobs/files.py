@@ -91,6 +91,14 @@ class JobResult(BaseModel):
     config_hash: str | None = Field(None, max_length=64)
 
 
+def lacks_payload(job: JobFile, folder: Path, attempt: int, keys: tuple[str, ...]) -> bool:
+    """True (and the attempt failed with the reason) when the job file's payload lacks any of `keys`."""
+    missing = [key for key in keys if key not in job.payload]
+    if missing:
+        write_result(folder, attempt, "failed", reason=f"bad job file: payload lacks {', '.join(missing)}")
+    return bool(missing)
+
+
 def result_path(folder: Path, attempt: int) -> Path:
     return Path(folder) / f"result-{attempt}.json"
 

@@ -119,6 +119,31 @@ class JobKind(Protocol):
         ...
 
 
+class KindDefaults:
+    """What a kind does where it has nothing to add: launch now, alone; no bookkeeping; failures final."""
+
+    def may_launch(self, ctx: Context, session: Session, job: Job) -> str | None:
+        return None
+
+    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
+        return None
+
+    def housekeeping(self, ctx: Context, db: Database) -> list[str]:
+        return []
+
+    def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
+        return None
+
+    def retry_failure(self, job: Job) -> str | None:
+        return None
+
+    def report(self, ctx: Context, session: Session, job: Job, report: JobReport, actor: str) -> None:
+        return None
+
+    def terminal(self, session: Session, job: Job, actor: str) -> None:
+        return None
+
+
 @functools.cache
 def handler(kind: str) -> JobKind:
     module_name, _, attribute = KINDS[kind].handler.partition(":")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -69,6 +70,25 @@ class Reporter:
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
+
+    def beat_every(self, every_s: float) -> threading.Event:
+        """Heartbeats from a background thread until the returned event is set (jobs with no progress of
+        their own to report, such as a benchmark or a Tune driver)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                self.send("heartbeat")
+
+        threading.Thread(target=beat, name="orch-heartbeat", daemon=True).start()
+        return stop
+
+    def finish(self, stop: threading.Event, code: int) -> int:
+        """End the job's reporting (and its SIGTERM handler) and return its exit code."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.set()
+        self.close()
+        return code
 
 
 def quiet_http_logs() -> None:

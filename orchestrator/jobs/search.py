@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from orchestrator.jobs.files import EXIT_BAD_JOB, EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, JobFile, write_result
+from orchestrator.jobs.files import (
+    EXIT_BAD_JOB,
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    JobFile,
+    lacks_payload,
+    write_result,
+)
 from orchestrator.jobs.reporter import Reporter
 
 log = logging.getLogger("orchestrator.jobs")
@@ -60,9 +67,7 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     from orchestrator.sweeps.spec import Search
 
     payload = job.payload
-    missing = [key for key in PAYLOAD if key not in payload]
-    if missing:
-        write_result(folder, attempt, "failed", reason=f"bad job file: payload lacks {', '.join(missing)}")
+    if lacks_payload(job, folder, attempt, PAYLOAD):
         return EXIT_BAD_JOB
     search = Search.model_validate(payload["search"])
     epochs, mode = int(payload["epochs"]), str(payload["mode"])
@@ -73,7 +78,6 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
         epochs=epochs,
         monitor=payload.get("monitor"),
     )
-    stop = threading.Event()
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # Tune saves the experiment and stops its trials at a checkpoint
@@ -81,7 +85,7 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     signal.signal(signal.SIGTERM, interrupt)
     reporter = Reporter(job, attempt)
     reporter.start()
-    threading.Thread(target=_beat, args=(reporter, stop, heartbeat_s), daemon=True).start()
+    stop = reporter.beat_every(heartbeat_s)
     path = Path(str(payload["tune_dir"])) / EXPERIMENT
     trainable = tune.with_resources(
         tune.with_parameters(TrialTrainable, context=context), {"cpu": search.trial_cpus, "gpu": search.trial_gpus}
@@ -124,12 +128,12 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
     except KeyboardInterrupt:
         write_result(folder, attempt, "interrupted", reason="stopped (SIGTERM): the next attempt restores it")
         reporter.send("end", status="interrupted")
-        return _finish(reporter, stop, EXIT_INTERRUPTED)
+        return reporter.finish(stop, EXIT_INTERRUPTED)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         write_result(folder, attempt, "failed", reason=reason)
         reporter.send("end", status="failed", reason=reason)
-        return _finish(reporter, stop, EXIT_FAILED)
+        return reporter.finish(stop, EXIT_FAILED)
     errors = sum(1 for i in range(len(results)) if results[i].error is not None)
     metrics: dict[str, float] = {"trials": float(len(results)), "errored_trials": float(errors)}
     try:
@@ -140,16 +144,4 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
         pass
     write_result(folder, attempt, "completed", metrics=metrics)
     reporter.send("end", status="completed")
-    return _finish(reporter, stop, EXIT_COMPLETED)
-
-
-def _beat(reporter: Reporter, stop: threading.Event, every_s: float) -> None:
-    while not stop.wait(every_s):
-        reporter.send("heartbeat")
-
-
-def _finish(reporter: Reporter, stop: threading.Event, code: int) -> int:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    stop.set()
-    reporter.close()
-    return code
+    return reporter.finish(stop, EXIT_COMPLETED)

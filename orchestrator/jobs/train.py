@@ -54,6 +54,7 @@ class ReportingCallback(TrainCallback):
     def on_end(self, result: TrainResult) -> None:
         stopped = stop_request(self.folder) if result.status == "interrupted" else None
         status, reason = ("stopped", stopped) if stopped is not None else (result.status, result.reason)
+        status = "failed" if status == "collapsed" else status
         self.reporter.send("end", status=status, iteration=result.iteration, reason=reason)
 
 
@@ -112,6 +113,9 @@ def run(job: JobFile, folder: Path, attempt: int) -> int:
     finally:
         if reporter:
             reporter.close()
+    if is_main and result.status == "collapsed":  # collapse.stop: a failure with the diagnostics' reason
+        write_result(folder, attempt, "failed", iteration=result.iteration, epoch=result.epoch, reason=result.reason)
+        return EXIT_FAILED
     stopped = stop_request(folder) if result.status == "interrupted" else None
     if is_main and stopped is not None:  # asked to end early (a search's early stopping): final, not resumed
         write_result(folder, attempt, "stopped", iteration=result.iteration, epoch=result.epoch, reason=stopped)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from orchestrator.db.models import Job, Search, Sweep, SweepArm, Trial
 from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import dataset_key, resolve, validate_policy
 from orchestrator.jobs.files import JobFile, JobFileError, JobResult
-from orchestrator.jobs.kinds import Context
+from orchestrator.jobs.kinds import Context, KindDefaults
 from orchestrator.jobs.records import cancel, record_event, transition
 from orchestrator.launchers.tune import MAILBOX, METRICS_FILE
 from orchestrator.lifecycle import EVALUATION, Status
@@ -197,8 +196,7 @@ def register_trial(
     return RegisteredTrial(run_id=trial.id, folder=trial.folder, status=trial.status, created=True)
 
 
-@dataclass(frozen=True)
-class SearchKind:
+class SearchKind(KindDefaults):
     """The service side of a search's driver job."""
 
     lifecycle = EVALUATION  # a failed attempt with attempts left is retried (Tuner.restore)
@@ -239,15 +237,6 @@ class SearchKind:
             transition(session, job, Status.CANCELLED, "sweep", f"sweep {sweep.name} cancelled")
             return "sweep cancelled"
         return None
-
-    def array_group(self, ctx: Context, session: Session, job: Job) -> tuple[str, int] | None:
-        return None
-
-    def housekeeping(self, ctx: Context, db: Any) -> list[str]:
-        return []
-
-    def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
-        pass
 
     def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Search)

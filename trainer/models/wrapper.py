@@ -20,6 +20,8 @@ class MultiCropOutput:
     cls_logits: torch.Tensor  # (n_crops * B, K)
     patch_logits: list[torch.Tensor]  # per crop-size group: (n_group_crops * B, N_group, K_patch); SelfPatch only
     group_crops: list[int]  # number of crops in each crop-size group
+    features: torch.Tensor | None = None  # the image head's inputs, (n_crops * B, d): collapse diagnostics
+    patch_features: list[torch.Tensor] | None = None  # the patch head's inputs, per group
 
 
 def crop_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -43,8 +45,8 @@ class DINOModel(nn.Module):
 
     def forward(self, crops: list[torch.Tensor], match: bool = False) -> MultiCropOutput:
         groups = crop_groups(crops)
-        feats = [self.backbone.features(torch.cat(crops[a:b])) for a, b in groups]
-        return MultiCropOutput(self.head(torch.cat(feats)), [], [b - a for a, b in groups])
+        feats = torch.cat([self.backbone.features(torch.cat(crops[a:b])) for a, b in groups])
+        return MultiCropOutput(self.head(feats), [], [b - a for a, b in groups], feats)
 
 
 class SelfPatchModel(nn.Module):
@@ -59,15 +61,18 @@ class SelfPatchModel(nn.Module):
 
     def forward(self, crops: list[torch.Tensor], match: bool = False) -> MultiCropOutput:
         patch = self.backbone.patch_embed.patch_size
-        image_tokens, patch_logits = [], []
+        image_tokens, patch_logits, patch_features = [], [], []
         groups = crop_groups(crops)
         for a, b in groups:
             batch = torch.cat(crops[a:b])
             grid = (batch.shape[-2] // patch[0], batch.shape[-1] // patch[1])
             image, patches = self.ca_head(self.backbone.features(batch), grid, match=match)
             image_tokens.append(image)
+            patch_features.append(patches)
             patch_logits.append(self.p_head(patches))
-        return MultiCropOutput(self.c_head(torch.cat(image_tokens)), patch_logits, [b - a for a, b in groups])
+        images = torch.cat(image_tokens)
+        counts = [b - a for a, b in groups]
+        return MultiCropOutput(self.c_head(images), patch_logits, counts, images, patch_features)
 
 
 def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel | SelfPatchModel:
