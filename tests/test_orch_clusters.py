@@ -130,7 +130,11 @@ def test_a_sweep_on_slurm_goes_out_as_one_array_and_each_task_requeues_alone(
         runs: list[dict[str, Any]] = get(service.url, f"/sweeps/{sweep['id']}/runs")
         return runs
 
-    submitted = wait_for(lambda: (t := trials()) and all(r["attempts"] for r in t) and t, 120, "the array")
+    def sent() -> list[dict[str, Any]] | None:  # attempt rows exist (as intents) before sbatch names the tasks
+        runs = trials()
+        return runs if runs and all(r["attempts"] and r["attempts"][0]["backend_job_id"] for r in runs) else None
+
+    submitted = wait_for(sent, 120, "the array")
     ids = sorted(r["attempts"][0]["backend_job_id"] for r in submitted)
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_{i}" for i in range(4)]  # one array, one task per trial

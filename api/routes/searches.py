@@ -37,7 +37,7 @@ def show(ident: SearchId, session: SessionDep, _: Reader) -> SearchPublic:
     "space; the same Tune trial id again returns the same run (200).",
     responses={200: {"model": RegisteredTrial, "description": "The trial existed (a restored search)."}},
 )
-def register(body: TrialRegistration, state: StateDep, caller: JobCaller) -> JSONResponse:
+def register(_ident: SearchId, body: TrialRegistration, state: StateDep, caller: JobCaller) -> JSONResponse:
     with state.db.transaction() as session:
         search = get_job(session, Search, caller, "search", lock=True)
         registered = register_trial(session, state.settings, search, body, f"job:search-{str(caller)[:8]}")
