@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo test test-fast lint typecheck pytest services bench clean
+.PHONY: setup data demo study test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ data:
 
 demo: setup
 	$(BIN)/orchestrator demo
+
+# The paper-core study at CPU scale (about 75 minutes on 2 cores; rerun to resume): results/paper_core_tiny/
+study: setup
+	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
+	$(BIN)/orchestrator study paper_core_tiny
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -224,6 +224,12 @@ class PatchProbeConfig(_Config):
     feature_dtype: Literal["float32", "float16"] = Field(
         "float16", description="Storage type of cached patch features (float16 halves a full-size cache)."
     )
+    labels: Literal["classes", "foreground"] = Field(
+        "classes",
+        description="'classes': the data set's classes (the protocol); 'foreground': class 0 against all others "
+        "merged, which asks whether patches separate objects from their scene when too few labelled images "
+        "exist to name the objects.",
+    )
     train_split: str = "train"
     val_split: str = "val"
     max_train_images: int | None = Field(None, ge=1, description="Seeded random subset of the train split.")

@@ -192,7 +192,29 @@ def _splits(
     val_split = PatchSplit(val_set, cfg.transform, cfg.max_val_images, cfg.seed)
     train = cached_patch_features(extractor, train_split, cfg, cache, progress, "train patches")
     val = cached_patch_features(extractor, val_split, cfg, cache, progress, "val patches")
+    if cfg.labels == "foreground":
+        return device, list(FOREGROUND_CLASSES), foreground(train), foreground(val)
     return device, val_set.classes, train, val
+
+
+#: The two classes of `labels=foreground`: class 0 of the data set, and every other class merged.
+FOREGROUND_CLASSES = ("background", "object")
+
+
+def _labelled(metrics: dict[str, float], cfg: PatchProbeConfig) -> dict[str, float]:
+    """Summary scores of `labels=foreground` are named fg_mIoU, fg_mAcc, fg_aAcc, so one sweep can report both
+    labellings of a probe side by side."""
+    if cfg.labels == "classes":
+        return metrics
+    return {f"fg_{k}" if k in ("mIoU", "mAcc", "aAcc") else k: v for k, v in metrics.items()}
+
+
+def foreground(features: FeatureSet) -> FeatureSet:
+    """The same features with every non-background, non-ignore class merged into class 1: whether patches
+    separate objects from their scene, whatever the objects are (the cache keeps the original labels)."""
+    labels = features.labels
+    merged = torch.where((labels > 0) & (labels != IGNORE_INDEX), torch.ones_like(labels), labels)
+    return FeatureSet(features.features, merged)
 
 
 # -------------------------------------------------------------------------------------------- scoring
@@ -309,7 +331,7 @@ def run_dense_linear(
     device, classes, train, val = _splits(subject, root, cfg, cache, progress)
     start = time.perf_counter()
     cm, losses = dense_linear_confusion(train, val, len(classes), cfg, device, progress)
-    metrics = segmentation_metrics(cm, classes)
+    metrics = _labelled(segmentation_metrics(cm, classes), cfg)
     metrics["train_loss_last"] = float(np.mean(losses[-20:])) if losses else math.nan
     metrics["train_iterations"] = float(cfg.iterations)
     metrics["train_images"] = float(len(train))
@@ -400,7 +422,7 @@ def run_knn_seg(
     device, classes, train, val = _splits(subject, root, cfg, cache, progress)
     start = time.perf_counter()
     cm, sizes = knn_seg_confusion(train, val, len(classes), cfg, device)
-    metrics = segmentation_metrics(cm, classes) | sizes
+    metrics = _labelled(segmentation_metrics(cm, classes), cfg) | sizes
     metrics["k"] = float(cfg.k)
     metrics["train_images"] = float(len(train))
     metrics["val_images"] = float(len(val))

@@ -482,17 +482,25 @@ def evals_cancel(evaluation_id: str, url: Url = DEFAULT_URL, token: Token = None
 # ------------------------------------------------------------------------------------------- sweeps
 
 
-def read_sweep_file(path: str) -> dict[str, Any]:
-    """A sweep file from disk, or a preset name (configs/sweeps/NAME.yaml) the client resolves."""
-    import yaml
-
-    from trainer.presets import parse_yaml, preset_dir
+def sweep_file_path(path: str) -> Path:
+    """A sweep file on disk, or the preset of that name (configs/sweeps/NAME.yaml)."""
+    from trainer.presets import preset_dir
 
     candidate = Path(path)
     if not candidate.is_file():
         candidate = preset_dir() / "sweeps" / f"{path.removesuffix('.yaml')}.yaml"
     if not candidate.is_file():
         fail(f"no sweep file {path!r} (nor a preset configs/sweeps/{path}.yaml)", 2)
+    return candidate
+
+
+def read_sweep_file(path: str) -> dict[str, Any]:
+    """A sweep file from disk, or a preset name (configs/sweeps/NAME.yaml) the client resolves."""
+    import yaml
+
+    from trainer.presets import parse_yaml
+
+    candidate = sweep_file_path(path)
     try:
         data = parse_yaml(candidate.read_text())
     except (yaml.YAMLError, ValueError) as exc:
@@ -691,6 +699,43 @@ def demo(
     typer.echo(f"browse it: mlflow ui --backend-store-uri {service.settings.tracking_uri}")
     if final["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@app.command()
+def study(
+    file: Annotated[str, typer.Argument(help="A sweep YAML file, or a preset name (configs/sweeps/).")],
+    out: Annotated[Path | None, typer.Option(help="Evidence folder (default results/<sweep file stem>).")] = None,
+    home: Annotated[
+        Path | None, typer.Option(help="Service state (default outputs/studies/<stem>); kept, so a rerun resumes.")
+    ] = None,
+    floors: Annotated[bool, typer.Option(help="Also measure the random-backbone and raw-pixel floors.")] = True,
+    port: Annotated[int, typer.Option(help="Port of the embedded service.")] = 8000,
+) -> None:
+    """Run a sweep to the end on the embedded service and write its evidence: report (Markdown, JSON, CSV),
+    plots, the exact sweep file, floors, code commit and wall time. Rerunning resumes the same sweep."""
+    import logging
+
+    from api.shell.embedded import EmbeddedService
+    from api.shell.study import write_study
+    from orchestrator.settings import Settings
+
+    started = time.time()
+    spec = read_sweep_file(file)
+    source = sweep_file_path(file)
+    stem = source.stem
+    for noisy in ("mlflow", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = Settings(home=(home or Path("outputs") / "studies" / stem).resolve())
+    target = out or Path("results") / stem
+    with EmbeddedService(settings, port=port) as service:
+        typer.echo(f"service {service.url} (state in {settings.home}; rerun the same command to resume)")
+        with Client(service.url, service.token) as api:
+            try:
+                record = write_study(api, source, spec, target, started, typer.echo, follow_sweep, floors)
+            except ApiError as exc:
+                fail(f"{exc}", 1)
+    typer.echo((target / "report.md").read_text())
+    typer.echo(f"evidence in {target} ({record.wall_s / 60:.1f} min)")
 
 
 def main() -> None:
