@@ -142,3 +142,21 @@ def test_a_job_stopped_for_collapse_fails_with_the_reason(tmp_path: Path) -> Non
     assert run(JobFile.read(folder), folder, 1) == EXIT_FAILED
     result = read_result(folder, 1)
     assert result is not None and result.status == "failed" and "collapsed (uniform teacher" in (result.reason or "")
+
+
+@pytest.mark.slow
+def test_the_tiny_preset_trains_clear_of_both_collapse_modes(tmp_path: Path) -> None:
+    """The whole tiny_cpu preset (what `make demo` runs): after the detector's warm-up, every logged teacher
+    of both heads stays below the uniform threshold and its batch mean above the one-hot threshold."""
+    cfg = load_config("tiny_cpu", [f"checkpoint.output_dir={tmp_path}", "logging.mlflow=false", "logging.progress=off"])
+    result = train(cfg)
+    assert result.status == "completed", result.reason
+    log = _log(tmp_path)
+    assert not [r for r in log if r["event"] == "collapse"]
+    start = cfg.collapse.after * result.iteration
+    checked = [r for r in log if r["event"] == "step" and int(r["iteration"]) >= start]  # type: ignore[call-overload]
+    assert len(checked) >= 10
+    for head in ("cls", "patch"):
+        uniform = max(float(r[f"diag/{head}_teacher_entropy_ratio"]) for r in checked)  # type: ignore[arg-type]
+        onehot = min(float(r[f"diag/{head}_batch_entropy_ratio"]) for r in checked)  # type: ignore[arg-type]
+        assert uniform < cfg.collapse.uniform_ratio and onehot > cfg.collapse.onehot_ratio, (head, uniform, onehot)

@@ -13,7 +13,9 @@ from evaluator.benchmarks import BENCHMARKS, evaluate
 from evaluator.config import DenseLinearConfig, KnnSegConfig
 from evaluator.datasets import IGNORE_INDEX
 from evaluator.dense_probe import (
+    FOREGROUND_CLASSES,
     dense_linear_confusion,
+    foreground,
     knn_seg_confusion,
     patch_extractor,
     patch_features,
@@ -107,6 +109,24 @@ def test_separable_patch_features_score_100_with_both_probes() -> None:
     metrics = segmentation_metrics(cm, CLASSES)
     assert (metrics["mIoU"], metrics["mAcc"], metrics["aAcc"]) == (100.0, 100.0, 100.0)
     assert sizes == {"train_patches": 24 * GRID * GRID, "bank_patches": 24 * GRID * GRID}
+
+
+def test_foreground_labels_merge_the_objects_and_score_what_separates_them_from_the_scene() -> None:
+    """Objects a and b share one feature (they cannot be told apart, only from the background): the class
+    probe cannot reach 100, the foreground probe does; ignore pixels stay ignored."""
+    train, val = _separable(24, seed=0), _separable(8, seed=1)
+    for split in (train, val):
+        split.features[..., 2] += split.features[..., 1]  # b looks like a
+        split.features[..., 1] = split.features[..., 2]
+        split.labels[:, 0, 0] = IGNORE_INDEX
+    merged = foreground(val)
+    assert set(merged.labels.unique().tolist()) == {0, 1, IGNORE_INDEX} and torch.equal(
+        val.labels == 0, merged.labels == 0
+    )
+    cm, _ = knn_seg_confusion(train, val, len(CLASSES), _knn_cfg())
+    assert segmentation_metrics(cm, CLASSES)["mIoU"] < 100.0
+    cm, _ = knn_seg_confusion(foreground(train), merged, 2, _knn_cfg())
+    assert segmentation_metrics(cm, list(FOREGROUND_CLASSES))["mIoU"] == 100.0
 
 
 def test_ignore_pixels_are_ignored_by_training_banks_and_scores() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.shell.study import Floor, floors_markdown, reported_metrics
+from api.shell.study import Floor, floors_markdown, reported_metrics, summary_markdown
 from evaluator.composites import study
 from tests.eval_support import COMPOSITE_SOURCES
 from tests.support import MICRO, REPO, free_port
@@ -35,6 +35,27 @@ def test_floors_table_has_one_row_per_metric_and_says_when_a_floor_failed() -> N
 def test_reported_metrics_are_the_primary_then_the_secondary_ones() -> None:
     spec = {"metrics": {"primary": "a/x", "secondary": ["b/y", "c/z"]}}
     assert reported_metrics(spec) == ["a/x", "b/y", "c/z"]
+
+
+def _metric(name: str, p: float | None) -> dict[str, object]:
+    arms = [
+        {"arm": "dino", "n": 3, "mean": 10.0, "ci_low": 9.0, "ci_high": 11.0},
+        {"arm": "selfpatch", "n": 3, "mean": 12.0, "ci_low": 11.0, "ci_high": 13.0},
+    ]
+    comparison = {"arm": "selfpatch", "mean_diff": 2.0, "ci_low": 1.0, "ci_high": 3.0, "p": p}
+    return {"metric": name, "arms": arms, "comparisons": [comparison]}
+
+
+def test_the_summary_adjusts_p_across_every_metric_and_shows_the_floors() -> None:
+    report = {"primary": _metric("a/mIoU", 0.01), "secondary": [_metric("b/mIoU", 0.04), _metric("c/x", None)]}
+    table = summary_markdown(report, [Floor("a/mIoU", "random", 8.0), Floor("a/mIoU", "pixels", 7.5)])
+    # the family is the 3 planned comparisons (c/x without a p counts as p = 1): 0.01 x 3, then 0.04 x 2
+    assert "| a/mIoU | dino | 3 | 10.00 [9.00, 11.00] | baseline |  |  | 8.00 | 7.50 |" in table
+    assert (
+        "| a/mIoU | selfpatch | 3 | 12.00 [11.00, 13.00] | 2.00 [1.00, 3.00] | 0.010 | 0.030 | 8.00 | 7.50 |" in table
+    )
+    assert "| b/mIoU | selfpatch | 3 | 12.00 [11.00, 13.00] | 2.00 [1.00, 3.00] | 0.040 | 0.080 | - | - |" in table
+    assert "| c/x | selfpatch | 3 | 12.00 [11.00, 13.00] | 2.00 [1.00, 3.00] | - | - | - | - |" in table
 
 
 @pytest.mark.slow
@@ -77,11 +98,12 @@ def test_a_2x2_mini_study_runs_end_to_end_and_writes_its_evidence(tmp_path: Path
         assert comparison["arm"] == "selfpatch" and comparison["pairs"] == 2
         assert comparison["p_holm"] is None or 0.0 <= comparison["p_holm"] <= 1.0
     record = json.loads((out / "study.json").read_text())
-    assert record["wall_s"] > 0 and record["sweep_id"] == report["sweep_id"]
+    assert record["wall_s"] > 0 and record["sweep_wall_s"] > 0 and record["sweep_id"] == report["sweep_id"]
     assert len(record["commit"]) == 40 or record["commit"] == "unknown"
     floors = {(f["metric"], f["baseline"]) for f in record["floors"] if f["value"] is not None}
     assert floors == {(m, b) for m in ("dense_linear/mIoU", "knn_seg/fg_mIoU") for b in ("random", "pixels")}
     markdown = (out / "report.md").read_text()
-    assert markdown.startswith("# Study: mini-study") and "## Floors" in markdown and "selfpatch" in markdown
+    assert markdown.startswith("# Study: mini-study") and "## Summary" in markdown and "## Floors" in markdown
+    assert "| dense_linear/mIoU | selfpatch | 2 |" in markdown
     assert (out / "plots" / "metric.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "plots" / "differences.svg").read_text().lstrip().startswith(("<?xml", "<svg"))

@@ -51,6 +51,7 @@ class StudyRecord:
     started: str
     finished: str
     wall_s: float
+    sweep_wall_s: float
     host: str
     floors: list[Floor] = field(default_factory=list)
 
@@ -119,6 +120,42 @@ def floors_markdown(floors: list[Floor]) -> str:
     return "## Floors\n\n" + "\n".join(rows) + note
 
 
+def summary_markdown(report: dict[str, Any], floors: list[Floor]) -> str:
+    """One row per metric and arm: mean and 95% CI, the paired difference against the baseline with its
+    95% CI and p, that p Holm-adjusted across every metric and arm of the study (the family a reader
+    scans), and the floors. The per-metric sections below keep Holm across arms only."""
+    from orchestrator.sweeps.stats import holm
+
+    metrics = [report["primary"], *report["secondary"]]
+    comparisons = [(m, c) for m in metrics for c in m["comparisons"]]
+    keys = [(m["metric"], c["arm"]) for m, c in comparisons]
+    adjusted = dict(zip(keys, holm([c["p"] for _, c in comparisons]), strict=True))
+    floor = {(f.metric, f.baseline): f.value for f in floors}
+
+    def num(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def interval(low: float | None, high: float | None) -> str:
+        return "" if low is None or high is None else f" [{low:.2f}, {high:.2f}]"
+
+    rows = [
+        "| metric | arm | n | mean [95% CI] | diff vs baseline [95% CI] | p | Holm p (all metrics) | random | pixels |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for metric in metrics:
+        by_arm = {c["arm"]: c for c in metric["comparisons"]}
+        for arm in metric["arms"]:
+            mean = f"{num(arm['mean'])}{interval(arm['ci_low'], arm['ci_high'])}"
+            c = by_arm.get(arm["arm"])
+            diff = "baseline" if c is None else f"{num(c['mean_diff'])}{interval(c['ci_low'], c['ci_high'])}"
+            p = "" if c is None else num(c["p"], 3)
+            q = "" if c is None else num(adjusted[(metric["metric"], arm["arm"])], 3)
+            random, pixels = (num(floor.get((metric["metric"], b))) for b in ("random", "pixels"))
+            cells = (metric["metric"], arm["arm"], arm["n"], mean, diff, p, q, random, pixels)
+            rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "## Summary\n\n" + "\n".join(rows) + "\n\n"
+
+
 def write_study(
     api: Client,
     spec_file: Path,
@@ -160,18 +197,27 @@ def write_study(
         started=datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
         wall_s=round(time.time() - started, 1),
+        sweep_wall_s=round(_seconds(final["created_at"], final["ended_at"]), 1),
         host=f"{platform.node()} ({os.cpu_count()} CPUs)",
         floors=measured,
     )
     header = (
         f"# Study: {record.name}\n\nSweep file `sweep.yaml` (spec {record.spec_hash[:12]}), code commit "
         f"`{record.commit[:12]}`{' with local changes' if dirty else ''}, wall time "
-        f"{record.wall_s / 60:.1f} min on {record.host}, finished {record.finished}.\n\n"
+        f"{record.sweep_wall_s / 60:.1f} min from the sweep's creation to its last trial on {record.host} "
+        f"(this command: {record.wall_s / 60:.1f} min, finished {record.finished}).\n\n"
     )
     report = api.sweep_report(sweep["id"], "markdown")
-    (out / "report.md").write_text(header + report.rstrip() + "\n\n" + floors_markdown(measured))
+    summary = summary_markdown(report_json, measured)
+    (out / "report.md").write_text(header + summary + report.rstrip() + "\n\n" + floors_markdown(measured))
     (out / "study.json").write_text(json.dumps(_as_json(record), indent=2) + "\n")
     return record
+
+
+def _seconds(start: str, end: str | None) -> float:
+    if end is None:
+        return float("nan")
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def _as_json(record: StudyRecord) -> dict[str, Any]:
