@@ -71,7 +71,8 @@ def test_slurm_cancel_ends_cancelled_within_30_seconds(service: EmbeddedService,
 
 
 def test_slurm_preemption_comes_back_as_attempt_2_and_finishes(service: EmbeddedService, slurm_up: None) -> None:
-    run = submit(service.url, {**body("optim.epochs=10", launcher="slurm"), "resources": SLURM_RESOURCES})
+    # 40 epochs of 8 steps (about 40 s): the requeue must land mid-run, not as the last epoch ends
+    run = submit(service.url, {**body("optim.epochs=40", launcher="slurm"), "resources": SLURM_RESOURCES})
     wait_for(
         lambda: status_of(service.url, run["id"]) == "running" and get(service.url, f"/runs/{run['id']}/checkpoints"),
         300,
@@ -86,7 +87,7 @@ def test_slurm_preemption_comes_back_as_attempt_2_and_finishes(service: Embedded
     run_dir = Path(final["output_dir"]).parent
     first = json.loads((run_dir / "result-1.json").read_text())
     second = json.loads((run_dir / "result-2.json").read_text())
-    assert first["status"] == "interrupted" and second["status"] == "completed" and second["iteration"] == 10 * 8
+    assert first["status"] == "interrupted" and second["status"] == "completed" and second["iteration"] == 40 * 8
     statuses = [e["to_status"] for e in get(service.url, f"/runs/{run['id']}/events")["items"] if e["to_status"]]
     assert statuses[-1] == "succeeded" and "requeued" in statuses and statuses.count("running") == 2
 
