@@ -97,8 +97,10 @@ def test_a_ray_tune_search_stops_trials_early_and_survives_a_killed_driver(servi
     assert [a["number"] for a in best["attempts"]] == [1, 2]  # killed mid-run, resumed from its checkpoint
     # Which trials ASHA stops depends on the order they reach the rung (a restore may reorder pending trials),
     # so each stop is checked against its own reason: the trial's loss was worse than the rung's cutoff.
+    # How many ASHA stops depends on that order too, and on whether a stop reaches a trial before its short
+    # run ends (a restore also resets the rungs when Tune had not saved them): at least one, never the best.
     stopped = [r for r in runs if r["status"] == "stopped"]
-    assert len(stopped) >= 2 and {r["status"] for r in runs} == {"succeeded", "stopped"}, [r["status"] for r in runs]
+    assert len(stopped) >= 1 and {r["status"] for r in runs} == {"succeeded", "stopped"}, [r["status"] for r in runs]
     for run in stopped:
         reason = run["status_reason"]
         found = re.search(r"after epoch [12] of 3: train/loss = ([\d.]+), worse than the cutoff ([\d.]+)", reason)
