@@ -331,14 +331,11 @@ def run_dense_linear(
     device, classes, train, val = _splits(subject, root, cfg, cache, progress)
     start = time.perf_counter()
     cm, losses = dense_linear_confusion(train, val, len(classes), cfg, device, progress)
-    metrics = _labelled(segmentation_metrics(cm, classes), cfg)
-    metrics["train_loss_last"] = float(np.mean(losses[-20:])) if losses else math.nan
-    metrics["train_iterations"] = float(cfg.iterations)
-    metrics["train_images"] = float(len(train))
-    metrics["val_images"] = float(len(val))
-    metrics["feature_seconds"] = cache.stats.seconds_computing - feature_seconds
-    metrics["probe_seconds"] = time.perf_counter() - start
-    return metrics
+    extra = {"train_loss_last": float(np.mean(losses[-20:])) if losses else math.nan}
+    extra["train_iterations"] = float(cfg.iterations)
+    return _scores(
+        cm, classes, cfg, extra, (len(train), len(val)), cache.stats.seconds_computing - feature_seconds, start
+    )
 
 
 # -------------------------------------------------------------------------------------------- knn_seg
@@ -422,10 +419,24 @@ def run_knn_seg(
     device, classes, train, val = _splits(subject, root, cfg, cache, progress)
     start = time.perf_counter()
     cm, sizes = knn_seg_confusion(train, val, len(classes), cfg, device)
-    metrics = _labelled(segmentation_metrics(cm, classes), cfg) | sizes
-    metrics["k"] = float(cfg.k)
-    metrics["train_images"] = float(len(train))
-    metrics["val_images"] = float(len(val))
-    metrics["feature_seconds"] = cache.stats.seconds_computing - feature_seconds
+    extra = sizes | {"k": float(cfg.k)}
+    return _scores(
+        cm, classes, cfg, extra, (len(train), len(val)), cache.stats.seconds_computing - feature_seconds, start
+    )
+
+
+def _scores(
+    cm: torch.Tensor,
+    classes: list[str],
+    cfg: PatchProbeConfig,
+    extra: dict[str, float],
+    images: tuple[int, int],
+    feature_seconds: float,
+    start: float,
+) -> dict[str, float]:
+    """What both probes report: the confusion matrix's scores, the probe's own numbers, sizes and timings."""
+    metrics = _labelled(segmentation_metrics(cm, classes), cfg) | extra
+    metrics["train_images"], metrics["val_images"] = float(images[0]), float(images[1])
+    metrics["feature_seconds"] = feature_seconds
     metrics["probe_seconds"] = time.perf_counter() - start
     return metrics
