@@ -52,6 +52,16 @@ class AppState:
         """None when this process runs no reconciler (`orchestrator scheduler` runs it elsewhere)."""
         return None if self.reconciler_thread is None else self.reconciler_thread.is_alive()
 
+    def principal_by_fingerprint(self, fingerprint: str) -> Principal | None:
+        """The web UI's cookie names a token by its fingerprint (api/ui/session.py), never by the token."""
+        from api.ui.session import fingerprint as of
+
+        found = None
+        for known, principal in self.tokens.items():
+            if hmac.compare_digest(of(known), fingerprint):
+                found = principal
+        return found
+
     def principal(self, token: str) -> Principal | None:
         """Compared in constant time against every known token (no early exit that would time the match)."""
         found = None

@@ -13,6 +13,7 @@ from api.body_limit import BodyLimit
 from api.contract import install_contract
 from api.deps import AppState
 from api.routes import evaluations, experiments, health, runs, searches, sweeps
+from api.ui import install_ui
 from orchestrator.db.migrate import upgrade
 from orchestrator.reconciler import Reconciler
 from orchestrator.settings import Settings
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
     v1.include_router(searches.router)
     app.include_router(v1)
     app.include_router(health.router)
+    install_ui(app, settings)
     install_contract(app)
     app.add_middleware(BodyLimit)
     return app

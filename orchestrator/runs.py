@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from orchestrator.db.models import Checkpoint, Experiment, Job, Run
+from orchestrator.db.models import Checkpoint, Event, Experiment, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import plan_final, plan_for_checkpoint
 from orchestrator.experiments import get_or_create_experiment
@@ -93,7 +94,8 @@ def submit_run(
     )
     session.add(run)
     session.flush()
-    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value)
+    submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
+    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value, **submitted)
     return run
 
 
@@ -108,14 +110,59 @@ def list_runs(
     page_token: str | None,
     status: list[Status] | None = None,
     experiment: str | None = None,
+    method: str | None = None,
+    launcher: str | None = None,
+    sweep: uuid.UUID | None = None,
 ) -> tuple[list[Run], str | None]:
     query = select(Run).options(selectinload(Run.attempts), selectinload(Run.experiment))
     if status:
         query = query.where(Run.status.in_([s.value for s in status]))
+    if method:
+        query = query.where(Run.method == method)
+    if launcher:
+        query = query.where(Run.launcher == launcher)
+    if sweep:
+        query = query.where(Run.sweep_id == sweep)
     if experiment:  # a filter: an experiment that does not exist has no runs
         query = query.join(Experiment, Run.experiment_id == Experiment.id).where(Experiment.name == experiment)
     query = page_after(query, Run.created_at, Run.id, page_token, uuid.UUID).limit(page_size + 1)
     return page(list(session.scalars(query)), page_size)
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """A run's config against what it started from: the preset it was submitted with, else the defaults."""
+
+    against: str
+    overrides: list[str]
+    changed: list[tuple[str, Any, Any]]  # (dotted key, preset value, run value)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys; lists stay values (a crop scale is one setting, not two)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_diff(session: Session, run: Run) -> ConfigDiff:
+    first = session.scalars(
+        select(Event).where(Event.job_id == run.id, Event.to_status == Status.QUEUED.value).order_by(Event.id).limit(1)
+    ).first()
+    data = first.data if first is not None and first.data else {}
+    preset = data.get("preset")
+    try:
+        base = validate_config(read_yaml(resolve_preset(preset)) if preset else {}).model_dump(mode="json")
+        against = f"preset {preset}" if preset else "the trainer's defaults"
+    except ConfigError:  # a preset renamed or removed since the run was submitted
+        base, against = validate_config({}).model_dump(mode="json"), "the trainer's defaults"
+    before, after = flatten(base), flatten(run.config)
+    keys = sorted(set(before) | set(after))
+    changed = [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
+    return ConfigDiff(against, [str(o) for o in data.get("overrides", [])], changed)
 
 
 def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run:

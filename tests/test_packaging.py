@@ -94,6 +94,10 @@ def test_a_wheel_in_a_fresh_venv_serves_a_preset_dry_run(tmp_path: Path) -> None
         assert f"{env_dir / 'bin' / 'python'} -m orchestrator.jobs" in dry["rendered"]  # jobs run the installed copy
         runs = httpx.get(f"{url}/api/v1/runs", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
         assert runs["items"] == []  # a dry run writes nothing
+        login = httpx.get(f"{url}/login", timeout=30)  # the UI's templates and static files ship in the wheel
+        assert login.status_code == 200 and 'name="token"' in login.text
+        for asset in ("/static/ui.css", "/static/ui.js", "/static/vendor/htmx-2.0.11.min.js"):
+            assert httpx.get(f"{url}{asset}", timeout=30).status_code == 200, asset
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -28,6 +28,7 @@ from orchestrator.schemas import (
     RunPublic,
 )
 from orchestrator.strict import ExperimentName
+from trainer.config import Method
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -122,8 +123,22 @@ def list_(
     page_token: PageToken = None,
     status: Annotated[list[Status] | None, Query()] = None,
     experiment: ExperimentName | None = None,
+    method: Annotated[Method | None, Query(description="dino or selfpatch.")] = None,
+    launcher: Annotated[
+        str | None, Query(pattern=r"^[a-z]{1,32}$", description="Only runs on this launcher (local, slurm, ray, tune).")
+    ] = None,
+    sweep: Annotated[uuid.UUID | None, Query(description="Only the trials of this sweep (its id).")] = None,
 ) -> Page[RunPublic]:
-    runs, token = list_runs(session, page_size=page_size, page_token=page_token, status=status, experiment=experiment)
+    runs, token = list_runs(
+        session,
+        page_size=page_size,
+        page_token=page_token,
+        status=status,
+        experiment=experiment,
+        method=method,
+        launcher=launcher,
+        sweep=sweep,
+    )
     return Page[RunPublic](items=[run_public(r, state.mlflow) for r in runs], next_page_token=token)
 
 

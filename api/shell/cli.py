@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,7 +95,8 @@ def serve(
     reconciler: Annotated[bool, typer.Option(help="Run the reconciler in this process.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides the access log).")] = "info",
 ) -> None:
-    """Run the REST API (and, by default, the reconciler). Applies database migrations first."""
+    """Run the REST API under /api/v1, the web UI at / (with MLflow's UI at /mlflow/) and, by default, the
+    reconciler. Applies database migrations first. Log in to the UI with any REST token."""
     import uvicorn
 
     from api.main import create_app
@@ -676,9 +678,12 @@ def demo(
     preset: Annotated[str, typer.Option(help="Preset to run.")] = "tiny_cpu",
     overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides.")] = None,
     port: Annotated[int, typer.Option(help="Port of the embedded service.")] = 8000,
+    stay: Annotated[bool, typer.Option(help="Keep serving the web UI after the run ends (Ctrl-C stops).")] = False,
 ) -> None:
     """The whole loop on the embedded default: start the service (SQLite, local launcher, local MLflow),
-    submit a run over REST, follow it to the end, print its checkpoints and MLflow link, stop."""
+    submit a run over REST, follow it to the end, print its checkpoints and MLflow link, stop.
+
+    While it runs, the web UI is at the printed URL (log in with the printed token) and MLflow's UI at /mlflow/."""
     import logging
 
     from api.shell.embedded import EmbeddedService
@@ -688,7 +693,8 @@ def demo(
     with EmbeddedService(port=port) as service:
         typer.echo(
             f"service {service.url} (database {service.settings.db_url}, MLflow {service.settings.tracking_uri})\n"
-            f"while it runs: ORCH_URL={service.url} ORCH_HOME={service.settings.home} orchestrator runs list"
+            f"while it runs: ORCH_URL={service.url} ORCH_HOME={service.settings.home} orchestrator runs list\n"
+            f"web UI: {service.url}/ (log in with the admin token {service.token}); MLflow UI: {service.url}/mlflow/"
         )
         with Client(service.url, service.token) as api:
             run = api.submit(
@@ -696,7 +702,12 @@ def demo(
             )
             typer.echo(f"submitted run {run['id']} ({run['name']})")
             final = follow_run(api, run["id"])
-    typer.echo(f"browse it: mlflow ui --backend-store-uri {service.settings.tracking_uri}")
+            typer.echo(f"see it: {service.url}/runs/{run['id']}")
+            if stay:
+                typer.echo("serving the web UI until Ctrl-C")
+                with contextlib.suppress(KeyboardInterrupt):
+                    threading.Event().wait()
+    typer.echo(f"browse it later: mlflow ui --backend-store-uri {service.settings.tracking_uri}")
     if final["status"] != "succeeded":
         raise typer.Exit(1)
 
