@@ -316,6 +316,16 @@ class LoggingConfig(_Section):
         description="Extra MLflow tags (MLflow's own size limits).",
         json_schema_extra=strict_keys,
     )
+    export_artifacts: bool = Field(
+        True,
+        description="Log the final export (weights, aggregation module, manifest) as MLflow artifacts under export/ "
+        "(false: only its manifest); checkpoints stay in the run folder, listed in checkpoints.json.",
+    )
+    register_model: bool = Field(
+        True,
+        description="Register the final backbone in the MLflow Model Registry as a version of "
+        "'<experiment>-<method>' (needs export_artifacts).",
+    )
     log_every: Integer = Field(10, ge=1, le=10**6, description="Log step metrics every N steps.")
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar: auto = when on a terminal.")
 

@@ -1,4 +1,5 @@
-"""MLflow tracking for rank 0: flattened params, batched asynchronous metrics, config and manifest artifacts."""
+"""MLflow tracking for rank 0: flattened params, batched asynchronous metrics, the config, and the final export as
+artifacts with its backbone registered (`trainer.registry`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
+    def log_export(self, export_dir: Path, checkpoints: list[dict[str, Any]]) -> None: ...
     def finish(self, status: str) -> None: ...
 
 
@@ -34,6 +36,9 @@ class NullTracker:
         pass
 
     def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def log_export(self, export_dir: Path, checkpoints: list[dict[str, Any]]) -> None:
         pass
 
     def finish(self, status: str) -> None:
@@ -75,6 +80,7 @@ class MLflowTracker:
         from mlflow import MlflowClient
 
         uri = cfg.logging.tracking_uri or default_tracking_uri()
+        self.cfg = cfg
         self.client = MlflowClient(tracking_uri=uri)
         self._pending: list[Any] = []
         lg = cfg.logging
@@ -133,6 +139,30 @@ class MLflowTracker:
     def set_tag(self, key: str, value: str) -> None:
         if self.run_id:
             self.client.set_tag(self.run_id, key, value)
+
+    def log_export(self, export_dir: Path, checkpoints: list[dict[str, Any]]) -> None:
+        """The final export as artifacts, the checkpoints as links, the backbone registered. Never fatal: the run
+        folder holds the same files, and a training that completed stays completed."""
+        from trainer.registry import log_export, register_export
+
+        assert self.run_id is not None
+        lg = self.cfg.logging
+        try:
+            manifest = log_export(
+                self.client, self.run_id, export_dir, checkpoints, export_dir.parent, files=lg.export_artifacts
+            )
+        except Exception as exc:
+            log.warning("MLflow: export not logged: %s", exc)
+            return
+        if not (lg.register_model and lg.export_artifacts):
+            return
+        try:
+            experiment = self.client.get_experiment(self.client.get_run(self.run_id).info.experiment_id).name
+            extra = {k: v for k, v in lg.tags.items() if k in ("orch.run_id", "orch.sweep_id", "orch.arm", "orch.seed")}
+            version = register_export(self.client, self.run_id, experiment, manifest, extra)
+            log.info("MLflow: registered models:/%s/%s", version.name, version.version)
+        except Exception as exc:
+            log.warning("MLflow: backbone not registered: %s", exc)
 
     def finish(self, status: str) -> None:
         """status: FINISHED, FAILED or KILLED (a preempted attempt leaves the run RUNNING for its successor)."""

@@ -36,6 +36,7 @@ from trainer.engine import Engine
 from trainer.files import LATEST, numbered_name, sha256_file
 from trainer.preemption import PreemptionFlag
 from trainer.presets import ConfigError, dump_yaml, validate_config
+from trainer.registry import checkpoint_links
 from trainer.schedules import Schedules
 from trainer.tracking import NullTracker, Tracker, build_tracker, git_commit
 
@@ -376,8 +377,9 @@ def _train(
 
         export_checkpoint(checkpoint_path, out_dir / "export")
         manifest_path = out_dir / "export" / MANIFEST
-        tracker.log_artifact(manifest_path)
     barrier(info)
+    if manifest_path is not None:  # after the barrier: the other ranks need not wait for the upload
+        tracker.log_export(manifest_path.parent, checkpoint_links(jsonl.path))
     tracker.finish({"interrupted": "KILLED", "collapsed": "FAILED"}.get(result_status, "FINISHED"))
     result = TrainResult(
         status=result_status,

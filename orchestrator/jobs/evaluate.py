@@ -3,7 +3,9 @@
 Payload: run_id, benchmark, config (resolved), dataset, checkpoint (path), checkpoint_sha256,
 checkpoint_step, cache_dir. The checkpoint must still be the file the evaluation was planned for
 (sha256). Metrics go to MLflow as `eval/<benchmark>/<metric>` in a child run `eval/<benchmark>` of the
-pretraining run. SIGTERM (cancel, preemption) ends the attempt as interrupted, so it is requeued.
+pretraining run, and, when the checkpoint is the one the run's final export was made from, as tags of that
+export's model version (trainer.registry). SIGTERM (cancel, preemption) ends the attempt as interrupted, so it
+is requeued.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.jobs.files import (
     EXIT_BAD_JOB,
@@ -25,6 +27,9 @@ from orchestrator.jobs.files import (
     write_result,
 )
 from orchestrator.jobs.reporter import Reporter
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger("orchestrator.jobs")
 PAYLOAD = ("run_id", "benchmark", "config", "dataset", "checkpoint", "checkpoint_sha256", "checkpoint_step")
@@ -59,10 +64,24 @@ def log_child_run(job: JobFile, status: str, metrics: dict[str, float], extra_ta
         for start in range(0, len(batch), 500):
             client.log_batch(run.info.run_id, metrics=batch[start : start + 500])
         client.set_terminated(run.info.run_id, status)
-        return str(run.info.run_id)
     except Exception as exc:  # MLflow is the view; the result file and SQL are the record
         log.warning("MLflow child run not logged: %s", exc)
         return None
+    if status == "FINISHED":
+        tag_model_version(client, job.mlflow_run_id, str(payload["checkpoint_sha256"]), metrics)
+    return str(run.info.run_id)
+
+
+def tag_model_version(client: MlflowClient, mlflow_run_id: str, sha256: str, metrics: dict[str, float]) -> None:
+    """The metrics as `eval/...` tags of the model version registered from this checkpoint, if it is the run's
+    final export (after the child run is FINISHED, see trainer.registry); never fatal to the evaluation."""
+    from trainer.registry import tag_evaluation
+
+    try:
+        for uri in tag_evaluation(client, mlflow_run_id, sha256, metrics):
+            log.info("MLflow: evaluation metrics tagged on %s", uri)
+    except Exception as exc:
+        log.warning("MLflow model version not tagged: %s", exc)
 
 
 def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> int:
