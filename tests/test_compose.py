@@ -50,3 +50,18 @@ def test_dockerfile_copies_only_what_exists() -> None:
     sources = re.findall(r"^COPY (?!--from=)(\S+)", dockerfile, flags=re.MULTILINE)  # build context only
     assert sources and all((REPO / s).exists() for s in sources), sources
     assert 'ENTRYPOINT ["orchestrator"]' in dockerfile
+
+
+def test_mlflow_serves_artifacts_from_a_volume_the_image_user_owns() -> None:
+    """Runs upload their exports through the server (proxied artifacts) into the mounted volume; a fresh named
+    volume takes the ownership of the image's folder, so the folder must exist there, owned by `orch`."""
+    result = compose("config", "--format", "json", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    mlflow = json.loads(result.stdout)["services"]["mlflow"]
+    assert "--serve-artifacts" in mlflow["command"]
+    assert "--artifacts-destination=/var/lib/mlflow/artifacts" in mlflow["command"]
+    assert [v["target"] for v in mlflow["volumes"] if v["type"] == "volume"] == ["/var/lib/mlflow"]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert re.search(r"mkdir -p [^\n]*/var/lib/mlflow/artifacts", dockerfile)
+    assert re.search(r"chown orch [^\n]*/var/lib/mlflow /var/lib/mlflow/artifacts", dockerfile)
+    assert dockerfile.index("chown orch") < dockerfile.index("USER orch")
