@@ -1,6 +1,7 @@
 """Evaluations triggered by checkpoints: tiny pretraining -> checkpoints -> automatic k-NN and linear
-evaluations on the local launcher -> metrics in SQL and MLflow child runs; a second trigger computes
-nothing; a corrupt checkpoint fails its evaluation clearly and leaves the run intact."""
+evaluations on the local launcher -> metrics in SQL, MLflow child runs and, for the final checkpoint, tags of
+the run's registered backbone; a second trigger computes nothing; a corrupt checkpoint fails its evaluation
+clearly and leaves the run intact."""
 
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def test_checkpoints_trigger_evaluations_recorded_in_sql_and_mlflow(
         assert child.data.tags["orch.ckpt_sha256"] == r["checkpoint_sha256"] and child.info.status == "FINISHED"
         name = "eval/knn/top1_k20" if r["benchmark"] == "knn" else "eval/linear/top1"
         assert child.data.metrics[name] == pytest.approx(r["metrics"][name.removeprefix("eval/")])
+
+    # the final checkpoint's evaluations are tags of the run's registered backbone, whichever finished first
+    (version,) = mlflow.search_model_versions(f"run_id = '{parent}'")
+    assert version.name == "evals-e2e-selfpatch" and version.tags["orch.ckpt_sha256"] == knn[1]["checkpoint_sha256"]
+    assert float(version.tags["eval/knn/top1_k20"]) == pytest.approx(knn[1]["metrics"]["knn/top1_k20"])
+    assert float(version.tags["eval/linear/top1"]) == pytest.approx(linear[0]["metrics"]["linear/top1"])
 
     # asking again for an evaluation that exists computes nothing: same record, no new row, no new job
     spec = {"benchmark": "knn", "data": str(FASHION_MNIST), "overrides": SMALL_PROBE}

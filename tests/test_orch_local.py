@@ -76,7 +76,12 @@ def test_local_run_succeeds_with_checkpoints_and_one_mlflow_run(service: Embedde
     history = mlflow.get_metric_history(final["mlflow_run_id"], "train/loss")
     assert history and max(m.step for m in history) == 16
     artifacts = {a.path for a in mlflow.list_artifacts(final["mlflow_run_id"])}
-    assert {"config.yaml", "manifest.json"} <= artifacts
+    assert artifacts == {"config.yaml", "export", "checkpoints.json"}  # checkpoints are linked, not copied
+    exported = {a.path for a in mlflow.list_artifacts(final["mlflow_run_id"], "export")}
+    assert {"export/manifest.json", "export/backbone.safetensors", "export/aggregation.safetensors"} <= exported
+    (version,) = mlflow.search_model_versions(f"run_id = '{final['mlflow_run_id']}'")
+    assert version.name == "e2e-selfpatch" and version.source == f"runs:/{final['mlflow_run_id']}/export"
+    assert version.tags["orch.config_hash"] == run["config_hash"] and version.tags["orch.run_id"] == run["id"]
     logs = httpx.get(f"{service.url}/api/v1/runs/{run['id']}/logs", headers=auth(), timeout=30).text
     assert "done" in logs or "iteration" in logs
     assert "HTTP Request" not in logs  # the job's log is about the job, not its report requests
