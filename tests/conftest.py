@@ -24,7 +24,7 @@ __all__ = ["FASHION_MNIST", "REPO", "micro_overrides"]  # older test modules imp
 
 PG_ADMIN_URL = os.environ.get("ORCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 #: Fixtures that start or need a service: the tests using them are marked `services` automatically.
-SERVICE_FIXTURES = frozenset({"mlflow_server"})
+SERVICE_FIXTURES = frozenset({"mlflow_server", "browser"})  # browser: the system Chromium
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

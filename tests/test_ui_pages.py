@@ -20,7 +20,9 @@ from tests.support import ADMIN, READER, auth, make_settings
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path / "home", f"sqlite:///{tmp_path / 'orch.db'}", f"sqlite:///{tmp_path}/ml/mlflow.db")
+    settings = make_settings(
+        tmp_path / "home", f"sqlite:///{tmp_path / 'orch.db'}", f"sqlite:///{tmp_path}/ml/mlflow.db"
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -169,6 +171,31 @@ def test_compare_and_evaluations_pages(client: TestClient) -> None:
     assert "<code>optim.lr</code>" in page and "0.001" in page and "0.002" in page
     assert "No evaluations yet" in client.get("/evaluations").text
     assert client.get("/sweeps").status_code == 200
+
+
+def test_the_papers_numbers_stand_beside_ours_only_for_its_own_benchmarks() -> None:
+    from types import SimpleNamespace
+
+    from api.ui.pages import _paper
+
+    det = SimpleNamespace(benchmark="det", metrics={"det/bbox_AP": 1.2, "det/segm_AP": 0.9, "det/AP50": 3.0})
+    assert _paper(det, SimpleNamespace(method="selfpatch")) == {"det/bbox_AP": "42.1", "det/segm_AP": "38.5"}  # type: ignore[arg-type]
+    seg = SimpleNamespace(benchmark="seg", metrics={"seg/mIoU": 9.6})
+    assert _paper(seg, SimpleNamespace(method="dino")) == {"seg/mIoU": "38.3"}  # type: ignore[arg-type]
+    knn = SimpleNamespace(benchmark="knn", metrics={"knn/top1_k20": 60.0})
+    assert _paper(knn, SimpleNamespace(method="dino")) == {}  # type: ignore[arg-type]
+
+
+def test_parallel_coordinates_put_each_trial_through_its_settings_and_objective() -> None:
+    from api.ui.pages import parcoords
+
+    trials = [({"optim": {"lr": 0.001, "epochs": 2}}, 51.0), ({"optim": {"lr": 0.01}}, None)]
+    spec = parcoords(["optim.lr", "optim.epochs"], trials, "knn/top1_k20")
+    assert spec["dimensions"] == [
+        {"label": "optim.lr", "values": [0.001, 0.01]},
+        {"label": "optim.epochs", "values": [2.0, None]},
+        {"label": "knn/top1_k20", "values": [51.0, None]},
+    ]
 
 
 def test_mlflow_ui_is_mounted_behind_the_login(client: TestClient) -> None:

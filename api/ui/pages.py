@@ -248,6 +248,19 @@ def retry(run_id: str, state: StateDep, user: Actor) -> Response:
     return RedirectResponse(target, status_code=303)
 
 
+HEADLINE = ("top1_k20", "top1", "mIoU", "bbox_AP", "segm_AP", "fg_mIoU", "top1_k10", "mAcc")
+
+
+def headline(metrics: dict[str, float], count: int = 4) -> list[tuple[str, float]]:
+    """The few numbers a cell shows: the benchmarks' headline metrics first, sizes and timings last."""
+
+    def rank(key: str) -> tuple[int, str]:
+        name = key.rsplit("/", 1)[-1]
+        return (HEADLINE.index(name) if name in HEADLINE else len(HEADLINE), key)
+
+    return [(k, metrics[k]) for k in sorted(metrics, key=rank)[:count]]
+
+
 def _evaluation_matrix(session: Session, run: Run) -> tuple[list[str], list[dict[str, Any]]]:
     """Checkpoints as rows, benchmarks as columns; a cell is the newest evaluation of that pair."""
     checkpoints = list(session.scalars(select(Checkpoint).where(Checkpoint.run_id == run.id).order_by(Checkpoint.step)))
@@ -264,7 +277,7 @@ def _evaluation_matrix(session: Session, run: Run) -> tuple[list[str], list[dict
         for bench in benchmarks:
             found = cells.get((ckpt.id, bench))
             if found is not None:
-                row["cells"][bench] = {"status": found.status, "metrics": found.metrics, "id": found.id}
+                row["cells"][bench] = {"status": found.status, "metrics": headline(found.metrics), "id": found.id}
         rows.append(row)
     return benchmarks, rows
 
@@ -363,18 +376,21 @@ def sweep_page(sweep_id: str, request: Request, session: SessionDep, state: Stat
 
 
 def _parcoords(session: Session, sweep: Sweep, public: Any) -> dict[str, Any]:
-    """Ray Tune searches: one line per trial through its sampled settings and its objective."""
-    trials = {t.run_id: t for t in public.trials}
-    runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(list(trials))))}
+    runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_([t.run_id for t in public.trials])))}
+    space = list((public.spec.get("search") or {}).get("space", {}))
+    trials = [(runs[t.run_id].config if t.run_id in runs else {}, t.primary) for t in public.trials]
+    return parcoords(space, trials, public.primary_metric)
+
+
+def parcoords(space: list[str], trials: list[tuple[dict[str, Any], float | None]], objective: str) -> dict[str, Any]:
+    """Ray Tune searches: one line per trial through its sampled settings and its objective (None: no value)."""
     from orchestrator.runs import flatten
 
-    space = list((public.spec.get("search") or {}).get("space", {}))
     dims: list[dict[str, Any]] = []
     for key in space:
-        values = [flatten(runs[rid].config).get(key) if rid in runs else None for rid in trials]
-        numeric = [float(v) if isinstance(v, int | float) else math.nan for v in values]
-        dims.append({"label": key, "values": numeric})
-    dims.append({"label": public.primary_metric, "values": [t.primary for t in trials.values()]})
+        values = [flatten(config).get(key) for config, _ in trials]
+        dims.append({"label": key, "values": [float(v) if isinstance(v, int | float) else None for v in values]})
+    dims.append({"label": objective, "values": [value for _, value in trials]})
     return {"dimensions": dims}
 
 
@@ -417,7 +433,7 @@ def compare_page(
             select(Evaluation).where(Evaluation.run_id == r.id).order_by(Evaluation.created_at)
         ):
             if evaluation.status == Status.SUCCEEDED.value:
-                metrics.update({f"{evaluation.benchmark}/{k}": v for k, v in evaluation.metrics.items()})
+                metrics.update(evaluation.metrics)  # named `<benchmark>/<metric>` already
         finals.append(metrics)
     metric_keys = sorted({k for m in finals for k in m})
     return render(
@@ -470,8 +486,9 @@ def _paper(evaluation: Evaluation, run: Run | None) -> dict[str, str]:
     spec = BENCHMARKS.get(evaluation.benchmark)
     if spec is None or run is None:
         return {}
+    named = {f"{evaluation.benchmark}/{metric}": by_method for metric, by_method in spec.paper.items()}
     return {
         metric: f"{by_method[run.method]:.1f}"
-        for metric, by_method in spec.paper.items()
+        for metric, by_method in named.items()
         if run.method in by_method and metric in evaluation.metrics
     }
