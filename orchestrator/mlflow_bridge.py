@@ -77,6 +77,36 @@ class MlflowBridge:
         history = self.client.get_metric_history(run_id, key)
         return sorted((int(m.step), float(m.value)) for m in history)
 
+    def metric_after(self, run_id: str, key: str, step: int, limit: int = 2500) -> list[tuple[int, float]] | None:
+        """The points of one metric logged after `step`, read by step range on the store's side (cheap while a
+        run's history grows); None when the store cannot or when more than `limit` arrived (MLflow would have
+        sampled them): read the whole history then."""
+        end = 2**62
+        if self.tracking_uri.startswith(("http://", "https://")):
+            import httpx
+
+            response = httpx.get(
+                f"{self.tracking_uri.rstrip('/')}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+                params={
+                    "run_ids": run_id,
+                    "metric_key": key,
+                    "start_step": step + 1,
+                    "end_step": end,
+                    "max_results": limit,
+                },
+                timeout=30,
+            )
+            if response.status_code != 200:
+                return None
+            rows = [(int(m.get("step", 0)), float(m["value"])) for m in response.json().get("metrics", [])]
+        else:
+            store = self.client._tracking_client.store
+            if not hasattr(store, "get_metric_history_bulk_interval") or not hasattr(store, "ManagedSessionMaker"):
+                return None  # only the SQL store samples by range in the database
+            found = store.get_metric_history_bulk_interval([run_id], key, limit, step + 1, end)
+            rows = [(int(m.step), float(m.value)) for m in found]
+        return None if len(rows) >= limit else sorted(rows)
+
     def terminate(self, run_id: str, status: Status) -> None:
         if status in MLFLOW_STATUS:
             self.client.set_terminated(run_id, MLFLOW_STATUS[status])

@@ -12,9 +12,10 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.ui import session
-from api.ui.charts import downsample
+from api.ui.charts import CurveCache, curves, downsample
 from api.ui.mlflow_mount import read_only
 from api.ui.pages import _safe_next, router
+from orchestrator.mlflow_bridge import MlflowBridge
 from tests.support import ADMIN, READER, auth, make_settings
 
 
@@ -215,3 +216,41 @@ def test_static_javascript_is_served_locally(client: TestClient) -> None:
     login(client)
     page = client.get("/").text
     assert "http://" not in page.replace("http://testserver", "") and "https://" not in page
+
+
+class CountingBridge(MlflowBridge):
+    """A real MLflow client that counts full-history reads."""
+
+    full_reads = 0
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        self.full_reads += 1
+        return super().metric_history(run_id, key)
+
+
+def _log(bridge: MlflowBridge, run_id: str, steps: range) -> None:
+    from mlflow.entities import Metric
+
+    bridge.client.log_batch(run_id, metrics=[Metric("train/loss", 1.0 / (s + 1), 0, s) for s in steps])
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.services)])
+def test_a_running_runs_curve_grows_by_the_new_points_only(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
+    bridge = CountingBridge(uri)
+    run_id = bridge.create_run(bridge.experiment_id(f"curves-{store}-{tmp_path.name}"), "r", {})
+    _log(bridge, run_id, range(0, 50))
+    cache = CurveCache()
+    first = curves(bridge, cache, run_id, ["train/loss"], finished=False)["train/loss"]
+    assert first["steps"] == list(range(50)) and bridge.full_reads == 1
+    _log(bridge, run_id, range(50, 60))
+    assert bridge.metric_after(run_id, "train/loss", 49) == [(s, 1.0 / (s + 1)) for s in range(50, 60)]
+    grown = curves(bridge, cache, run_id, ["train/loss"], finished=False)["train/loss"]
+    assert grown["steps"] == list(range(60)) and bridge.full_reads == 1  # only the ten new points were read
+    done = curves(bridge, cache, run_id, ["train/loss"], finished=True)["train/loss"]
+    _log(bridge, run_id, range(60, 70))  # a finished run's history is read no more
+    assert curves(bridge, cache, run_id, ["train/loss"], finished=True)["train/loss"] == done
+    assert bridge.full_reads == 1
+    assert bridge.metric_after(run_id, "train/loss", 0, limit=5) is None  # more than the limit: read it all
