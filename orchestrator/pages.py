@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import Select, tuple_
 
 from orchestrator.errors import InvalidInputError
 
@@ -59,7 +59,8 @@ def page_after(
             key = id_type(ident)
         except ValueError as exc:
             raise InvalidInputError("page_token is not a token this service issued", field="page_token") from exc
-        query = query.where(or_(column_time < created, and_(column_time == created, column_id < key)))
+        # a row value, not `t < a OR (t = a AND id < b)`: only this form is an index bound (both databases)
+        query = query.where(tuple_(column_time, column_id) < tuple_(created, key))
     return query.order_by(column_time.desc(), column_id.desc())
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, defer, selectinload
 
 from orchestrator.db.models import Checkpoint, Event, Experiment, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError
@@ -114,7 +114,10 @@ def list_runs(
     launcher: str | None = None,
     sweep: uuid.UUID | None = None,
 ) -> tuple[list[Run], str | None]:
-    query = select(Run).options(selectinload(Run.attempts), selectinload(Run.experiment))
+    # lists never show the config (the largest column by far): it is not even read
+    query = select(Run).options(
+        defer(Run.config, raiseload=True), selectinload(Run.attempts), selectinload(Run.experiment)
+    )
     if status:
         query = query.where(Run.status.in_([s.value for s in status]))
     if method:
@@ -125,7 +128,7 @@ def list_runs(
         query = query.where(Run.sweep_id == sweep)
     if experiment:  # a filter: an experiment that does not exist has no runs
         query = query.join(Experiment, Run.experiment_id == Experiment.id).where(Experiment.name == experiment)
-    query = page_after(query, Run.created_at, Run.id, page_token, uuid.UUID).limit(page_size + 1)
+    query = page_after(query, Job.created_at, Job.id, page_token, uuid.UUID).limit(page_size + 1)
     return page(list(session.scalars(query)), page_size)
 
 

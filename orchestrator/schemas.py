@@ -181,7 +181,9 @@ class EventPublic(BaseModel):
     data: dict[str, Any]
 
 
-class RunPublic(BaseModel):
+class RunSummary(BaseModel):
+    """A run as lists show it: everything but the config (GET /runs/{id} has it), so a page stays small."""
+
     id: uuid.UUID
     experiment: str
     name: str
@@ -191,7 +193,6 @@ class RunPublic(BaseModel):
     launcher: str
     resources: dict[str, Any]
     config_hash: str
-    config: dict[str, Any]
     requeues: int
     retry_of: uuid.UUID | None
     output_dir: str
@@ -207,6 +208,10 @@ class RunPublic(BaseModel):
     started_at: datetime | None
     ended_at: datetime | None
     attempts: list[AttemptPublic] = Field(default_factory=list)
+
+
+class RunPublic(RunSummary):
+    config: dict[str, Any]
 
 
 class Page(BaseModel, Generic[T]):

@@ -15,7 +15,7 @@ from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, State
 from api.idempotency import idempotent_post
 from api.routes.jobs import add_job_routes, attempts_of
 from evaluator.config import BenchmarkName
-from orchestrator.db.models import Evaluation
+from orchestrator.db.models import Evaluation, Job
 from orchestrator.errors import InvalidInputError
 from orchestrator.evaluations import compare, error_of, get_checkpoint, get_evaluation, request, retry_evaluation
 from orchestrator.lifecycle import Status
@@ -87,7 +87,7 @@ def list_(
         query = query.where(Evaluation.benchmark == benchmark)
     if status:
         query = query.where(Evaluation.status == status.value)
-    query = page_after(query, Evaluation.created_at, Evaluation.id, page_token, uuid.UUID).limit(page_size + 1)
+    query = page_after(query, Job.created_at, Job.id, page_token, uuid.UUID).limit(page_size + 1)
     rows, token = page(list(session.scalars(query)), page_size)
     return Page[EvaluationPublic](items=[evaluation_public(e) for e in rows], next_page_token=token)
 

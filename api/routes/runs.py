@@ -26,6 +26,7 @@ from orchestrator.schemas import (
     Page,
     RunCreate,
     RunPublic,
+    RunSummary,
 )
 from orchestrator.strict import ExperimentName
 from trainer.config import Method
@@ -34,7 +35,16 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
-    return RunPublic(
+    return RunPublic(config=run.config, **_summary_fields(run, mlflow))
+
+
+def run_summary(run: Run, mlflow: MlflowBridge) -> RunSummary:
+    """Never touches `run.config`: lists load runs with that column deferred."""
+    return RunSummary(**_summary_fields(run, mlflow))
+
+
+def _summary_fields(run: Run, mlflow: MlflowBridge) -> dict[str, Any]:
+    return dict(
         id=run.id,
         experiment=run.experiment.name,
         name=run.name,
@@ -44,7 +54,6 @@ def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
         launcher=run.launcher,
         resources=run.resources,
         config_hash=run.config_hash,
-        config=run.config,
         requeues=run.requeues,
         retry_of=run.retry_of_id,
         output_dir=run.output_dir,
@@ -114,7 +123,12 @@ def submit(
     return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
 
 
-@router.get("", response_model=Page[RunPublic], summary="List runs, newest first (cursor pagination)")
+@router.get(
+    "",
+    response_model=Page[RunSummary],
+    summary="List runs, newest first (cursor pagination)",
+    description="Items carry everything but the config (GET /runs/{id} has it).",
+)
 def list_(
     session: SessionDep,
     state: StateDep,
@@ -128,7 +142,7 @@ def list_(
         str | None, Query(pattern=r"^[a-z]{1,32}$", description="Only runs on this launcher (local, slurm, ray, tune).")
     ] = None,
     sweep: Annotated[uuid.UUID | None, Query(description="Only the trials of this sweep (its id).")] = None,
-) -> Page[RunPublic]:
+) -> Page[RunSummary]:
     runs, token = list_runs(
         session,
         page_size=page_size,
@@ -139,7 +153,7 @@ def list_(
         launcher=launcher,
         sweep=sweep,
     )
-    return Page[RunPublic](items=[run_public(r, state.mlflow) for r in runs], next_page_token=token)
+    return Page[RunSummary](items=[run_summary(r, state.mlflow) for r in runs], next_page_token=token)
 
 
 @router.get("/{run_id}", response_model=RunPublic, summary="Show one run with its attempts")

@@ -27,7 +27,7 @@ from api.ui import session as login
 from api.ui.charts import TRAIN_CURVES, CurveCache, curves
 from api.ui.deps import Actor, UiUser, Viewer
 from evaluator.config import BENCHMARKS
-from orchestrator.db.models import Checkpoint, Evaluation, Event, Run, Sweep
+from orchestrator.db.models import Checkpoint, Evaluation, Event, Job, Run, Sweep
 from orchestrator.errors import NotFoundError
 from orchestrator.lifecycle import Status
 from orchestrator.pages import page, page_after
@@ -462,7 +462,7 @@ def evaluations_page(
     query = select(Evaluation)
     if benchmark:
         query = query.where(Evaluation.benchmark == benchmark)
-    query = page_after(query, Evaluation.created_at, Evaluation.id, page_token, uuid.UUID).limit(PAGE_SIZE + 1)
+    query = page_after(query, Job.created_at, Job.id, page_token, uuid.UUID).limit(PAGE_SIZE + 1)
     rows, token = page(list(session.scalars(query)), PAGE_SIZE)
     runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_([e.run_id for e in rows])))}
     items = [

@@ -80,6 +80,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__: tuple[Any, ...] = (
         Index("ix_jobs_kind_created", "kind", "created_at", "id"),
+        Index("ix_jobs_created", "created_at", "id"),  # lists of runs (train and trial kinds) newest first
         Index("ix_jobs_status", "status"),
     )
 
