@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trainer.config import TrainConfig
@@ -99,3 +101,24 @@ def test_arch_names_shapes_and_timm_names_come_from_one_table() -> None:
     assert arch_for_width(32) is None
     for name, spec in ARCHS.items():
         assert ModelConfig(arch=name).dims == (spec.width, spec.depth, spec.heads)
+
+
+def test_presets_are_parsed_once_but_edits_and_callers_never_see_stale_or_shared_data(tmp_path: Path) -> None:
+    import os
+
+    from trainer import presets
+
+    base = tmp_path / "base.yaml"
+    base.write_text("optim:\n  lr: 0.001\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base\nmethod: dino\n")
+    first = presets.read_yaml(child)
+    assert first == {"optim": {"lr": 0.001}, "method": "dino"}
+    first["optim"]["lr"] = 99.0  # a caller's edit stays its own
+    parsed = len(presets._PARSED)
+    assert presets.read_yaml(child) == {"optim": {"lr": 0.001}, "method": "dino"}
+    assert len(presets._PARSED) == parsed  # the second read parsed nothing
+    base.write_text("optim:\n  lr: 0.5\n")
+    stat = base.stat()
+    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # an edit within the same clock tick
+    assert presets.read_yaml(child)["optim"]["lr"] == 0.5

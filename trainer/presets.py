@@ -94,11 +94,26 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
 
 
+_PARSED: dict[tuple[str, int, int], Any] = {}
+
+
+def _parsed(path: Path) -> Any:
+    """A file's YAML, parsed once per (path, mtime, size): the service resolves a preset on every submit, and
+    parsing dominated a submit's CPU. Callers get a copy, so the cache never sees their edits."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        if len(_PARSED) > 256:  # edited files leave stale keys behind; a bounded cache forgets them
+            _PARSED.clear()
+        _PARSED[key] = parse_yaml(path.read_text())
+    return copy.deepcopy(_PARSED[key])
+
+
 def read_yaml(path: Path, _depth: int = 0) -> dict[str, Any]:
     """Load a YAML preset, following its optional `_base_`: the name of a file next to it, or of a preset of
     the registry, that it extends (never a path: a config cannot make anything read files elsewhere)."""
     try:
-        data = parse_yaml(path.read_text()) or {}
+        data = _parsed(path) or {}
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{path.name}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     if not isinstance(data, dict):
