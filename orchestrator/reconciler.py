@@ -48,6 +48,7 @@ from orchestrator.launchers.base import (
     Resources,
 )
 from orchestrator.lifecycle import TERMINAL, Status
+from orchestrator.metrics import launcher_error, pass_done
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.settings import Settings
 
@@ -142,6 +143,7 @@ class Reconciler:
             try:
                 polls.update(self.launchers.get(name, queue).poll_many(ids))
             except LauncherError as exc:
+                launcher_error(name, "poll")
                 stats.errors.append(f"{name}: {exc}")
         arrays, in_arrays = self._arrays([job for job in tracked if job.status == Status.QUEUED])
         for members, parallelism in arrays:
@@ -179,6 +181,7 @@ class Reconciler:
                 log.exception("housekeeping of %s", name)
                 stats.errors.append(f"housekeeping of {name}: {exc}")
         stats.seconds = time.perf_counter() - started
+        pass_done(self.db, stats.seconds)
         return stats
 
     def _tracked(self) -> list[Tracked]:
@@ -226,6 +229,7 @@ class Reconciler:
         try:
             backend_job_id, error = launcher.submit(prepared.spec), None
         except LauncherError as exc:
+            launcher_error(prepared.launcher, "submit")
             backend_job_id, error = None, str(exc)
         return self._submitted(prepared, launcher, backend_job_id, error)
 
@@ -242,6 +246,7 @@ class Reconciler:
             ids: list[str | None] = list(launcher.submit_array([p.spec for p in prepared], parallelism))
             error = None
         except LauncherError as exc:
+            launcher_error(prepared[0].launcher, "submit")
             ids, error = [None] * len(prepared), str(exc)
         return sum(self._submitted(p, launcher, i, error) for p, i in zip(prepared, ids, strict=True))
 
