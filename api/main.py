@@ -12,6 +12,7 @@ from api import problems
 from api.body_limit import BodyLimit
 from api.contract import install_contract
 from api.deps import AppState
+from api.observability import install_observability
 from api.routes import evaluations, experiments, health, runs, searches, sweeps
 from api.ui import install_ui
 from orchestrator.db.migrate import upgrade
@@ -22,7 +23,10 @@ DESCRIPTION = """
 Pretraining runs of DINO and DINO+SelfPatch, recorded in SQL and launched locally, on SLURM or on Ray.
 
 * Authenticate with `Authorization: Bearer <token>`: admin tokens may submit and cancel, read-only
-  tokens may look. Only `/healthz` and `/readyz` are open.
+  tokens may look. Only `/healthz` and `/readyz` are open (and `/metrics`, Prometheus text outside this
+  document, when the service runs with `ORCH_METRICS_PUBLIC=true`).
+* Every response carries `X-Request-ID`: yours if you send a sane one (up to 64 of `A-Za-z0-9._-`), else a
+  new one; the service's logs name it.
 * Every creating POST accepts an `Idempotency-Key` header: a retried submit never launches twice.
 * Errors are RFC 9457 `application/problem+json`; a 422 names the offending field (`errors[].field`).
 * Lists use cursors: pass `next_page_token` back as `page_token` until it is null.
@@ -80,4 +84,5 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
     install_ui(app, settings)
     install_contract(app)
     app.add_middleware(BodyLimit)
+    install_observability(app, settings)  # /metrics, and the outermost middleware: request id, latency, access log
     return app

@@ -7,6 +7,7 @@ import secrets
 import sys
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,12 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(600.0, gt=0, description="A running job silent this long is lost.")
     max_requeues: int = Field(3, ge=0, description="Requeues after preemption or loss before a run fails.")
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, description="How long Idempotency-Key replies are kept.")
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without a token (a scraper on an internal network); else read or admin."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Service logs: text, or JSON lines with the request id and an access line per request."
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @cached_property
