@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 
@@ -94,16 +94,26 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     reconciler: Annotated[bool, typer.Option(help="Run the reconciler in this process.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides the access log).")] = "info",
+    log_format: Annotated[
+        Literal["text", "json"] | None,
+        typer.Option(
+            help="text, or one JSON object per line with the request id and an access line per request "
+            "(default: $ORCH_LOG_FORMAT, else text).",
+        ),
+    ] = None,
 ) -> None:
     """Run the REST API under /api/v1, the web UI at / (with MLflow's UI at /mlflow/) and, by default, the
     reconciler. Applies database migrations first. Log in to the UI with any REST token."""
     import uvicorn
 
     from api.main import create_app
+    from api.observability import setup_logging
     from orchestrator.settings import Settings
 
-    settings = Settings(api_url=os.environ.get("ORCH_API_URL", f"http://{host}:{port}"))
-    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, log_level=log_level)
+    overrides: dict[str, Any] = {"log_format": log_format} if log_format else {}
+    settings = Settings(api_url=os.environ.get("ORCH_API_URL", f"http://{host}:{port}"), **overrides)
+    logs = setup_logging(settings.log_format, log_level)
+    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, **logs)
 
 
 @app.command()
