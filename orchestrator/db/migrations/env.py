@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from alembic import context
-from sqlalchemy import event, pool
+from sqlalchemy import event, func, pool, select
 
 from orchestrator.db.models import Base
 from orchestrator.db.session import make_engine
+from orchestrator.leader import MIGRATION_LOCK_KEY
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or ""
@@ -32,6 +33,8 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
         with context.begin_transaction():
+            if not sqlite:  # replicas starting together: one migrates, the others wait, then find it done
+                connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
             context.run_migrations()
         if sqlite:
             broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
