@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from orchestrator.db.session import Database
 from orchestrator.jobs.files import job_token_matches
 from orchestrator.launchers import Launchers
+from orchestrator.leader import Lease
+from orchestrator.leader import Role as LeaseRole
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.settings import Settings, parse_tokens
 
@@ -47,10 +49,15 @@ class AppState:
             self.tokens[ensure_admin_token(settings.home)] = Principal("admin", "admin")
 
         self.reconciler_thread: threading.Thread | None = None
+        self.lease: Lease | None = None
 
     def reconciler_alive(self) -> bool | None:
         """None when this process runs no reconciler (`orchestrator scheduler` runs it elsewhere)."""
         return None if self.reconciler_thread is None else self.reconciler_thread.is_alive()
+
+    def reconciler_role(self) -> LeaseRole | None:
+        """Whether this process's reconciler leads or stands by (another replica leads); None without one."""
+        return None if self.lease is None else self.lease.role
 
     def principal_by_fingerprint(self, fingerprint: str) -> Principal | None:
         """The web UI's cookie names a token by its fingerprint (api/ui/session.py), never by the token."""

@@ -16,6 +16,7 @@ from api.observability import install_observability
 from api.routes import evaluations, experiments, health, runs, searches, sweeps
 from api.ui import install_ui
 from orchestrator.db.migrate import upgrade
+from orchestrator.leader import claim_writer, open_lease
 from orchestrator.reconciler import Reconciler
 from orchestrator.settings import Settings
 
@@ -40,24 +41,31 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool = False
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upgrade(settings.db_url)  # migrations are applied on start
-        state = AppState(settings)
-        app.state.orch = state
-        stop = threading.Event()
-        if run_reconciler:
-            reconciler = Reconciler(settings, state.db, state.launchers, state.mlflow)
-            state.reconciler_thread = threading.Thread(
-                target=reconciler.run_forever, args=(stop,), name="reconciler", daemon=True
-            )
-            state.reconciler_thread.start()
+        claim = claim_writer(settings.db_url)  # SQLite: this process alone (orchestrator/leader.py)
         try:
-            yield
+            upgrade(settings.db_url)  # migrations are applied on start
+            state = AppState(settings)
+            app.state.orch = state
+            stop = threading.Event()
+            if run_reconciler:  # several replicas may run one: the lease elects the one that reconciles
+                reconciler = Reconciler(settings, state.db, state.launchers, state.mlflow)
+                state.lease = open_lease(settings.db_url)
+                state.reconciler_thread = threading.Thread(
+                    target=reconciler.run_forever, args=(stop, state.lease), name="reconciler", daemon=True
+                )
+                state.reconciler_thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                if state.reconciler_thread is not None:
+                    state.reconciler_thread.join(timeout=30)
+                if state.lease is not None:
+                    state.lease.release()
+                state.launchers.close()
+                state.db.dispose()
         finally:
-            stop.set()
-            if state.reconciler_thread is not None:
-                state.reconciler_thread.join(timeout=30)
-            state.launchers.close()
-            state.db.dispose()
+            claim.release()
 
     app = FastAPI(
         title="SelfPatch Orchestrator",

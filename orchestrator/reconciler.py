@@ -47,6 +47,7 @@ from orchestrator.launchers.base import (
     LauncherError,
     Resources,
 )
+from orchestrator.leader import Lease
 from orchestrator.lifecycle import TERMINAL, Status
 from orchestrator.metrics import launcher_error, pass_done
 from orchestrator.mlflow_bridge import MlflowBridge
@@ -119,8 +120,13 @@ class Reconciler:
 
     # ------------------------------------------------------------------ loop
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, lease: Lease | None = None) -> None:
+        """Reconcile every `reconcile_interval_s` until `stop`; with a `lease`, only while it is held (one
+        active reconciler per database, see orchestrator/leader.py), asking again before every pass."""
         while not stop.is_set():
+            if lease is not None and not lease.held():
+                stop.wait(self.settings.reconcile_interval_s)
+                continue
             try:
                 stats = self.reconcile_once()
                 if stats.errors:

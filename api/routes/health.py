@@ -23,7 +23,7 @@ def readyz(state: StateDep) -> JSONResponse:
             version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, status_code=503)
-    reconciler = state.reconciler_alive()
-    if reconciler is False:
+    if state.reconciler_alive() is False:
         return JSONResponse({"status": "unavailable", "detail": "reconciler thread died"}, status_code=503)
-    return JSONResponse({"status": "ready", "schema": version, "reconciler": reconciler})
+    # "leader" reconciles, "standby" waits for the leader's lock (another replica leads), null: none here
+    return JSONResponse({"status": "ready", "schema": version, "reconciler": state.reconciler_role()})

@@ -108,35 +108,52 @@ def serve(
 
     from api.main import create_app
     from api.observability import setup_logging
+    from orchestrator.leader import DatabaseBusyError, claim_writer
     from orchestrator.settings import Settings
 
     overrides: dict[str, Any] = {"log_format": log_format} if log_format else {}
     settings = Settings(api_url=os.environ.get("ORCH_API_URL", f"http://{host}:{port}"), **overrides)
     logs = setup_logging(settings.log_format, log_level)
-    uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, **logs)
+    try:
+        claim = claim_writer(settings.db_url)  # SQLite: refuse here in one line, not in a startup traceback
+    except DatabaseBusyError as exc:
+        fail(str(exc))
+    try:
+        uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, **logs)
+    finally:
+        claim.release()
 
 
 @app.command()
 def scheduler() -> None:
-    """Run the reconciler alone (when the API runs elsewhere, or several API replicas share one)."""
+    """Run the reconciler alone (when the API runs elsewhere, or several API replicas share one). On
+    PostgreSQL several may run: one leads (an advisory lock), the others take over when it dies."""
     import logging
     import signal
     import threading
 
     from orchestrator.db.migrate import upgrade
     from orchestrator.db.session import Database
+    from orchestrator.leader import DatabaseBusyError, open_lease
     from orchestrator.mlflow_bridge import MlflowBridge
     from orchestrator.reconciler import Reconciler
     from orchestrator.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    upgrade(settings.db_url)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    reconciler = Reconciler(settings, Database(settings.db_url), mlflow=MlflowBridge(settings.tracking_uri))
-    with contextlib.suppress(KeyboardInterrupt):
-        reconciler.run_forever(stop)
+    try:
+        lease = open_lease(settings.db_url)  # PostgreSQL: several may run, one leads; SQLite: this one alone
+    except DatabaseBusyError as exc:
+        fail(str(exc))
+    try:
+        upgrade(settings.db_url)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        reconciler = Reconciler(settings, Database(settings.db_url), mlflow=MlflowBridge(settings.tracking_uri))
+        with contextlib.suppress(KeyboardInterrupt):
+            reconciler.run_forever(stop, lease)
+    finally:
+        lease.release()
 
 
 # ------------------------------------------------------------------------------------------- submit
