@@ -39,6 +39,23 @@ def test_compose_file_is_valid_and_wires_the_services() -> None:
     assert {"postgres", "mlflow"} <= set(api["depends_on"])
 
 
+def test_two_api_replicas_and_two_schedulers_share_postgresql() -> None:
+    """Scale-out: the API replicas each get a host port, the schedulers elect one reconciler on PostgreSQL
+    (orchestrator/leader.py), so both may run; on SQLite a second one would be refused."""
+    result = compose("config", "--format", "json", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    api, scheduler = services["api"], services["scheduler"]
+    assert api["deploy"]["replicas"] == 2 and scheduler["deploy"]["replicas"] == 2
+    [port] = api["ports"]
+    assert port["target"] == 8000 and port["published"] == "8000-8001"  # one host port per replica
+    assert "container_name" not in api and "container_name" not in scheduler  # names would clash
+    for service in (api, scheduler):
+        assert service["environment"]["ORCH_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert service["restart"] == "unless-stopped"  # a killed leader comes back as a standby
+    assert api["environment"]["ORCH_API_URL"] == "http://api:8000"  # jobs report to any replica
+
+
 def test_missing_secrets_are_refused_by_name() -> None:
     result = compose("config", env={k: v for k, v in SECRETS.items() if k != "ORCH_SECRET_KEY"})
     # this compose build prints the interpolation error and renders nothing (its exit code stays 0)
