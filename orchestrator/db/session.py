@@ -37,7 +37,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    # no ping per checkout (a round trip on every request): a connection a server restart broke fails one
+    # statement, SQLAlchemy then invalidates the whole pool, and clients retry with their idempotency keys
+    options: dict[str, Any] = {"pool_pre_ping": False, "pool_recycle": 1800}
     if "poolclass" not in kwargs:
         options.update(pool_size=10, max_overflow=20)
     return create_engine(url, **options, **kwargs)
