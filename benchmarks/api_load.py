@@ -2,10 +2,13 @@
 
 * `POST /api/v1/runs` (dry-run launcher) and `GET /api/v1/runs` with 50 concurrent clients against a real
   `orchestrator serve` process: requests/s, p50 and p99 latency.
+* The same requests open loop: arrivals at a fixed rate (`--rate`, default 100/s for `--duration` s), latency
+  counted from each request's scheduled arrival, so queueing shows in the tail.
+* MLflow's own `runs/create` on the same kind of database (its server, one worker): the baseline.
 * One reconciler pass over 1,000 active runs whose jobs a fake scheduler holds queued or running:
   seconds per pass.
 
-    python benchmarks/api_load.py [--requests 1000] [--clients 50] [--active 1000]
+    python benchmarks/api_load.py [--requests 1000] [--clients 50] [--rate 100] [--no-mlflow] [--active 1000]
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ async def load(url: str, method: str, total: int, clients: int) -> tuple[float, 
             start = time.perf_counter()
             if method == "POST":
                 response = await client.post("/api/v1/runs", json=BODY, headers=headers)
+            elif method == "MLFLOW":
+                response = await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
             else:
                 response = await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
             latencies.append(time.perf_counter() - start)
@@ -74,6 +79,72 @@ async def load(url: str, method: str, total: int, clients: int) -> tuple[float, 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         return time.perf_counter() - start, latencies, errors
+
+
+async def open_loop(url: str, method: str, rate: float, duration: float) -> tuple[float, list[float], int]:
+    """Arrivals at a fixed rate whatever the server does (no coordinated omission): each request's latency
+    counts from its scheduled arrival, so a server that falls behind shows its queue in the tail."""
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    total = int(rate * duration)
+
+    async def one(client: httpx.AsyncClient, due: float) -> None:
+        nonlocal errors
+        try:
+            if method == "POST":
+                response = await client.post("/api/v1/runs", json=BODY, headers=headers)
+            elif method == "MLFLOW":
+                response = await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
+            else:
+                response = await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
+            errors += response.status_code >= 400
+        except httpx.HTTPError:
+            errors += 1
+        latencies.append(time.perf_counter() - due)
+
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(client, due)))
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - start, latencies, errors
+
+
+def mlflow_server(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """MLflow's tracking server on the same kind of database, one worker: the baseline for POST /runs."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        db_url,
+        "--artifacts-destination",
+        str(home / "artifacts"),
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"MLflow server on {db_url} did not start")
 
 
 def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -160,7 +231,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
-def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict[str, object]]:
+def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: str | None) -> list[dict[str, object]]:
+    """Our service, closed and open loop; then MLflow's server on `mlflow_db` (same kind of database)."""
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -170,20 +242,38 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace) -> list[dict
             asyncio.run(load(url, "POST", 20, 5))  # warm-up (imports, first connections)
             for method, total in (("POST", args.requests), ("GET", args.requests)):
                 seconds, latencies, errors = asyncio.run(load(url, method, total, args.clients))
-                rows.append(
-                    {
-                        "backend": name,
-                        "what": f"{method} /runs",
-                        "rps": total / seconds,
-                        "p50_ms": 1000 * statistics.median(latencies),
-                        "p99_ms": 1000 * percentile(latencies, 0.99),
-                        "errors": errors,
-                    }
-                )
+                rows.append(row(name, f"{method} /runs", total / seconds, latencies, errors))
+            for method in ("POST", "GET"):
+                seconds, latencies, errors = asyncio.run(open_loop(url, method, args.rate, args.duration))
+                what = f"{method} /runs open loop {args.rate:.0f}/s"
+                rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        if mlflow_db is not None:
+            proc, url = mlflow_server(mlflow_db, home)
+            try:
+                asyncio.run(load(url, "MLFLOW", 20, 5))
+                seconds, latencies, errors = asyncio.run(load(url, "MLFLOW", args.requests, args.clients))
+                rows.append(row(name, "MLflow runs/create", args.requests / seconds, latencies, errors))
+                seconds, latencies, errors = asyncio.run(open_loop(url, "MLFLOW", args.rate, args.duration))
+                what = f"MLflow runs/create open loop {args.rate:.0f}/s"
+                rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     return rows
+
+
+def row(backend: str, what: str, rps: float, latencies: list[float], errors: int) -> dict[str, object]:
+    return {
+        "backend": backend,
+        "what": what,
+        "rps": rps,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "errors": errors,
+    }
 
 
 def bench_reconciler(name: str, db_url: str, args: argparse.Namespace, status: Status) -> dict[str, object]:
@@ -211,26 +301,39 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--active", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=100.0, help="Open loop: arrivals per second.")
+    parser.add_argument("--duration", type=float, default=10.0, help="Open loop: seconds of arrivals.")
+    parser.add_argument(
+        "--mlflow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also measure MLflow's runs/create on the same kind of database.",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
+        rows += bench_backend(
+            "sqlite", f"sqlite:///{tmp}/bench.db", args, f"sqlite:///{tmp}/mlflow.db" if args.mlflow else None
+        )
         rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args, Status.SUBMITTED))
         rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile2.db", args, Status.RUNNING))
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    for purpose in ("load", "reconcile", "reconcile-running"):
-        name = f"orch_bench_{purpose.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    created: list[str] = []
+
+    def fresh(purpose: str) -> str:
+        name = f"orch_bench_{purpose}_{uuid.uuid4().hex[:8]}"
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-            if purpose == "load":
-                rows += bench_backend("postgresql", url, args)
-            else:
-                status = Status.RUNNING if purpose == "reconcile-running" else Status.SUBMITTED
-                rows.append(bench_reconciler("postgresql", url, args, status))
-        finally:
-            with admin.connect() as conn:
+        created.append(name)
+        return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+    try:
+        rows += bench_backend("postgresql", fresh("load"), args, fresh("mlflow") if args.mlflow else None)
+        rows.append(bench_reconciler("postgresql", fresh("reconcile"), args, Status.SUBMITTED))
+        rows.append(bench_reconciler("postgresql", fresh("reconcile_running"), args, Status.RUNNING))
+    finally:
+        with admin.connect() as conn:
+            for name in created:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     print(
         f"{args.clients} concurrent clients, {args.requests} requests per row, one uvicorn worker, "
@@ -244,6 +347,12 @@ def main() -> int:
         sec = f"{row['seconds']:.3f}" if "seconds" in row else "-"
         print(f"{row['backend']:11s} {row['what']:40s} {rps:>8s} {p50:>8s} {p99:>8s} {sec:>8s} {row['errors']:>6}")
     print()
+    for backend in ("sqlite", "postgresql"):
+        ours = next(r for r in rows if r["backend"] == backend and r["what"] == "POST /runs")
+        theirs = next((r for r in rows if r["backend"] == backend and r["what"] == "MLflow runs/create"), None)
+        if theirs is not None:
+            ratio = float(ours["rps"]) / float(theirs["rps"])  # type: ignore[arg-type]
+            print(f"{backend}: POST /runs vs MLflow runs/create throughput ratio {ratio:.2f}x")
     for what in ("POST /runs", "GET /runs"):
         sq = next(r for r in rows if r["backend"] == "sqlite" and r["what"] == what)
         pg = next(r for r in rows if r["backend"] == "postgresql" and r["what"] == what)
