@@ -147,6 +147,16 @@ def mlflow_server(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str
     raise RuntimeError(f"MLflow server on {db_url} did not start")
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL: a server still draining an overload must not hang the benchmark."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -248,8 +258,7 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: s
                 what = f"{method} /runs open loop {args.rate:.0f}/s"
                 rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
         if mlflow_db is not None:
             proc, url = mlflow_server(mlflow_db, home)
             try:
@@ -260,8 +269,7 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: s
                 what = f"MLflow runs/create open loop {args.rate:.0f}/s"
                 rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop(proc)
     return rows
 
 
