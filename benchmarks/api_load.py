@@ -55,23 +55,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def send(client: httpx.AsyncClient, method: str) -> httpx.Response:
+    """One request of a row: POST or GET /runs on our service, or MLFLOW: runs/create on MLflow's server."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if method == "POST":
+        return await client.post("/api/v1/runs", json=BODY, headers=headers)
+    if method == "MLFLOW":
+        return await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
+    return await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
+
+
 async def load(url: str, method: str, total: int, clients: int) -> tuple[float, list[float], int]:
     """`total` requests from `clients` concurrent connections; returns wall seconds, latencies, errors."""
     latencies: list[float] = []
     errors = 0
     counter = iter(range(total))
-    headers = {"Authorization": f"Bearer {TOKEN}"}
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal errors
         for _ in counter:
             start = time.perf_counter()
-            if method == "POST":
-                response = await client.post("/api/v1/runs", json=BODY, headers=headers)
-            elif method == "MLFLOW":
-                response = await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
-            else:
-                response = await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
+            response = await send(client, method)
             latencies.append(time.perf_counter() - start)
             errors += response.status_code >= 400
 
@@ -87,18 +91,12 @@ async def open_loop(url: str, method: str, rate: float, duration: float) -> tupl
     counts from its scheduled arrival, so a server that falls behind shows its queue in the tail."""
     latencies: list[float] = []
     errors = 0
-    headers = {"Authorization": f"Bearer {TOKEN}"}
     total = int(rate * duration)
 
     async def one(client: httpx.AsyncClient, due: float) -> None:
         nonlocal errors
         try:
-            if method == "POST":
-                response = await client.post("/api/v1/runs", json=BODY, headers=headers)
-            elif method == "MLFLOW":
-                response = await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
-            else:
-                response = await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
+            response = await send(client, method)
             errors += response.status_code >= 400
         except httpx.HTTPError:
             errors += 1

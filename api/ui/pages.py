@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
@@ -147,91 +148,69 @@ def _run_rows(state: AppState, runs: list[Run]) -> list[dict[str, Any]]:
     ]
 
 
-def _runs_context(
-    session: Session,
-    state: AppState,
-    page_token: str | None,
-    status: list[Status] | None,
-    experiment: str | None,
-    method: str | None,
-    launcher: str | None,
-    sweep: uuid.UUID | None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunFilters:
+    """The run list's query: filters and the cursor, as the page and its live fragment both read them."""
+
+    page_token: str | None
+    status: list[Status]
+    experiment: str | None
+    method: str | None
+    launcher: str | None
+    sweep: uuid.UUID | None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        named = (("experiment", self.experiment), ("method", self.method), ("launcher", self.launcher))
+        out = [("status", s.value) for s in self.status] + [(k, v) for k, v in named if v]
+        return out + ([("sweep", str(self.sweep))] if self.sweep else [])
+
+
+def run_filters(
+    page_token: PageToken = None,
+    status: Annotated[list[Status] | None, Query()] = None,
+    experiment: Annotated[ExperimentName | Literal[""] | None, Query()] = None,
+    method: Annotated[Method | Literal[""] | None, Query()] = None,
+    launcher: Annotated[str | None, Query(pattern=r"^[a-z]{0,32}$")] = None,
+    sweep: Annotated[uuid.UUID | Literal[""] | None, Query()] = None,
+) -> RunFilters:
+    """An empty form field means no filter."""
+    return RunFilters(page_token, status or [], experiment or None, method or None, launcher or None, sweep or None)
+
+
+Filters = Annotated[RunFilters, Depends(run_filters)]
+
+
+def _runs_context(session: Session, state: AppState, query: RunFilters) -> dict[str, Any]:
     runs, token = list_runs(
         session,
         page_size=PAGE_SIZE,
-        page_token=page_token,
-        status=status,
-        experiment=experiment,
-        method=method,
-        launcher=launcher,
-        sweep=sweep,
+        page_token=query.page_token,
+        status=query.status,
+        experiment=query.experiment,
+        method=query.method,
+        launcher=query.launcher,
+        sweep=query.sweep,
     )
-    filters: list[tuple[str, str]] = [("status", s.value) for s in status or []]
-    filters += [(k, str(v)) for k, v in (("experiment", experiment), ("method", method), ("launcher", launcher)) if v]
-    filters += [("sweep", str(sweep))] if sweep else []
-    here = filters + ([("page_token", page_token)] if page_token else [])
+    filters = query.pairs()
+    here = filters + ([("page_token", query.page_token)] if query.page_token else [])
     return {
         "rows": _run_rows(state, runs),
         "query": urlencode(here),
         "next_query": urlencode([*filters, ("page_token", token)]) if token else None,
         "filters": dict(filters),
-        "chosen_status": {s.value for s in status or []},
+        "chosen_status": {s.value for s in query.status},
         "statuses": STATUSES,
     }
 
 
-Statuses = Annotated[list[Status] | None, Query()]
-Launcher = Annotated[str | None, Query(pattern=r"^[a-z]{0,32}$")]
-
-
-def _blank(value: str | None) -> str | None:
-    return value or None
-
-
 @router.get("/", response_class=HTMLResponse)
-def runs_page(
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
-    user: Viewer,
-    page_token: PageToken = None,
-    status: Statuses = None,
-    experiment: Annotated[ExperimentName | Literal[""] | None, Query()] = None,
-    method: Annotated[Method | Literal[""] | None, Query()] = None,
-    launcher: Launcher = None,
-    sweep: Annotated[uuid.UUID | Literal[""] | None, Query()] = None,
-) -> HTMLResponse:
-    context = _runs_context(
-        session,
-        state,
-        page_token,
-        status,
-        _blank(experiment),
-        _blank(method),
-        _blank(launcher),
-        sweep or None,
-    )
-    return render(request, "runs.html", user, **context)
+def runs_page(request: Request, session: SessionDep, state: StateDep, user: Viewer, query: Filters) -> HTMLResponse:
+    return render(request, "runs.html", user, **_runs_context(session, state, query))
 
 
 @router.get("/fragments/runs", response_class=HTMLResponse)
-def runs_fragment(
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
-    user: Viewer,
-    page_token: PageToken = None,
-    status: Statuses = None,
-    experiment: Annotated[ExperimentName | Literal[""] | None, Query()] = None,
-    method: Annotated[Method | Literal[""] | None, Query()] = None,
-    launcher: Launcher = None,
-    sweep: Annotated[uuid.UUID | Literal[""] | None, Query()] = None,
-) -> HTMLResponse:
-    context = _runs_context(
-        session, state, page_token, status, _blank(experiment), _blank(method), _blank(launcher), sweep or None
-    )
-    return render(request, "_runs_table.html", user, **context)
+def runs_fragment(request: Request, session: SessionDep, state: StateDep, user: Viewer, query: Filters) -> HTMLResponse:
+    return render(request, "_runs_table.html", user, **_runs_context(session, state, query))
 
 
 @router.post("/runs/{run_id}/cancel")
