@@ -19,6 +19,22 @@ MLFLOW_STATUS = {
 }
 
 
+def finish_migration(tracking_uri: str) -> None:
+    """MLflow creates a new SQLite store by migrating it in place, so a service killed in those seconds leaves
+    a half-migrated file that every later client refuses ("out-of-date database schema"). Finish it, as
+    `mlflow db upgrade` would: the store is ours (the embedded default), and the migrations resume from the
+    revision the file records."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _upgrade_db
+
+    log.warning("MLflow store %s was left half-migrated (killed while created): finishing the migration", tracking_uri)
+    engine = sqlalchemy.create_engine(tracking_uri)
+    try:
+        _upgrade_db(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
+
+
 class MlflowBridge:
     def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
         self.tracking_uri = tracking_uri
@@ -30,7 +46,13 @@ class MlflowBridge:
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            try:
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            except Exception as exc:
+                if "out-of-date database schema" not in str(exc) or not self.tracking_uri.startswith("sqlite:"):
+                    raise
+                finish_migration(self.tracking_uri)
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
     def experiment_id(self, name: str) -> str:

@@ -254,3 +254,19 @@ def test_a_running_runs_curve_grows_by_the_new_points_only(
     assert curves(bridge, cache, run_id, ["train/loss"], finished=True)["train/loss"] == done
     assert bridge.full_reads == 1
     assert bridge.metric_after(run_id, "train/loss", 0, limit=5) is None  # more than the limit: read it all
+
+
+def test_a_store_left_half_migrated_by_a_kill_is_finished_not_refused(tmp_path: Path) -> None:
+    import sqlalchemy
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config
+    from mlflow.store.tracking.dbmodels.initial_models import Base
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    engine = sqlalchemy.create_engine(uri)
+    Base.metadata.create_all(engine)  # what MLflow does first, then the migrations; killed after one of them
+    command.upgrade(_get_alembic_config(uri), "75868b020152")
+    engine.dispose()
+    bridge = MlflowBridge(uri)
+    run_id = bridge.create_run(bridge.experiment_id("after-a-kill"), "r", {})
+    assert MlflowBridge(uri).client.get_run(run_id).info.run_name == "r"
