@@ -134,16 +134,20 @@ def mlflow_server(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str
         str(home / "artifacts"),
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    return proc, started(proc, f"http://127.0.0.1:{port}", "/health", 120, f"MLflow server on {db_url}")
+
+
+def started(proc: subprocess.Popen[bytes], url: str, probe: str, seconds: float, what: str) -> str:
+    """The server's URL once `probe` answers 200; killed and reported if it never does."""
+    deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
+                return url
         except httpx.HTTPError:
-            time.sleep(0.3)
+            time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"MLflow server on {db_url} did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -175,16 +179,7 @@ def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
         "warning",
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"service on {db_url} did not start")
+    return proc, started(proc, f"http://127.0.0.1:{port}", "/readyz", 60, f"service on {db_url}")
 
 
 def seed_active_runs(db_url: str, home: Path, count: int, status: Status, fake: FakeLauncher) -> None:
