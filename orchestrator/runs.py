@@ -31,7 +31,7 @@ from orchestrator.pages import page, page_after
 from orchestrator.schemas import JobReport, RunCreate
 from orchestrator.settings import Settings
 from orchestrator.strict import Count, FilePath, Reason
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, flatten
 from trainer.files import LATEST, sha256_file
 from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
 
@@ -139,16 +139,6 @@ class ConfigDiff:
     against: str
     overrides: list[str]
     changed: list[tuple[str, Any, Any]]  # (dotted key, preset value, run value)
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys; lists stay values (a crop scale is one setting, not two)."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def config_diff(session: Session, run: Run) -> ConfigDiff:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, flatten
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +54,9 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{folder.resolve()}/mlflow.db"
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = str(value)
-    return out
+def params_of(data: dict[str, Any]) -> dict[str, str]:
+    """MLflow params: the config as dotted keys, values as text."""
+    return {key: str(value) for key, value in flatten(data).items()}
 
 
 def git_commit() -> str | None:
@@ -90,7 +84,7 @@ class MLflowTracker:
             for key, value in {"orch.config_hash": cfg.config_hash(), "method": cfg.method, **lg.tags}.items():
                 self.client.set_tag(lg.run_id, key, value)
             try:
-                self.log_params(flatten(cfg.model_dump(mode="json")))
+                self.log_params(params_of(cfg.model_dump(mode="json")))
             except Exception as exc:  # params are immutable: a later attempt may differ in e.g. output paths
                 log.warning("MLflow params not (re)logged: %s", exc)
         else:
@@ -108,7 +102,7 @@ class MLflowTracker:
                 tags["mlflow.source.git.commit"] = commit
             run = self.client.create_run(experiment_id, run_name=lg.run_name or cfg.default_run_name(), tags=tags)
             self.run_id = run.info.run_id
-            self.log_params(flatten(cfg.model_dump(mode="json")))
+            self.log_params(params_of(cfg.model_dump(mode="json")))
         self.tracking_uri = uri
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -35,7 +35,7 @@ from orchestrator.pages import page, page_after
 from orchestrator.runs import config_diff, get_run, list_runs, retry_run
 from orchestrator.strict import ExperimentName
 from orchestrator.sweeps.service import get_sweep, report_for, report_plots, sweep_public
-from trainer.config import Method
+from trainer.config import Method, flatten
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -363,8 +363,6 @@ def _parcoords(session: Session, sweep: Sweep, public: Any) -> dict[str, Any]:
 
 def parcoords(space: list[str], trials: list[tuple[dict[str, Any], float | None]], objective: str) -> dict[str, Any]:
     """Ray Tune searches: one line per trial through its sampled settings and its objective (None: no value)."""
-    from orchestrator.runs import flatten
-
     dims: list[dict[str, Any]] = []
     for key in space:
         values = [flatten(config).get(key) for config, _ in trials]
@@ -399,8 +397,6 @@ def compare_page(
     user: Viewer,
     run: Annotated[list[uuid.UUID] | None, Query(max_length=12)] = None,
 ) -> HTMLResponse:
-    from orchestrator.runs import flatten
-
     chosen = [get_run(session, r) for r in dict.fromkeys(run or [])]
     flat = [flatten(r.config) for r in chosen]
     keys = sorted({k for f in flat for k in f})
