@@ -53,6 +53,28 @@ def micro_overrides(output_dir: Path, method: str = "selfpatch", *extra: str) ->
 MICRO = [o for o in micro_overrides(Path("/unused")) if not o.startswith(("checkpoint.output_dir", "logging."))]
 
 
+def tiny_sweep(name: str) -> dict[str, Any]:
+    """DINO vs SelfPatch on micro runs, 2 paired seeds, a k-NN evaluation of each final checkpoint."""
+    return {
+        "name": name,
+        "base": {"preset": "tiny_cpu", "overrides": MICRO},
+        "arms": {"list": [{"name": "dino", "overrides": ["method=dino"]}, {"name": "selfpatch"}]},
+        "baseline": "dino",
+        "seeds": 2,
+        "evaluations": [
+            {
+                "benchmark": "knn",
+                "data": str(FASHION_MNIST),
+                "overrides": ["max_train_samples=1000", "max_test_samples=300"],
+                "final": True,
+            }
+        ],
+        "metrics": {"primary": "knn/top1_k20"},
+        "launcher": "local",
+        "max_concurrent": 2,
+    }
+
+
 def wait_for(probe: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
     """Poll `probe()` until it returns something truthy and return it; fail naming `what` on timeout
     (a generous deadline that only guards against hangs, never a speed assertion)."""

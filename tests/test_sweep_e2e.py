@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from scipy import stats as scipy_stats
 
-from tests.support import ADMIN, FASHION_MNIST, MICRO, Service, get, wait_for
+from tests.support import ADMIN, Service, get, tiny_sweep, wait_for
 
 pytestmark = pytest.mark.slow  # real trials and evaluations
 CLI = str(Path(sys.executable).parent / "orchestrator")
@@ -27,24 +26,7 @@ def cli(service: Service, *args: str, timeout: float = 120) -> subprocess.Comple
 
 
 def test_a_tiny_sweep_survives_a_killed_service_and_reports_scipys_numbers(tmp_path: Path, mlflow_server: str) -> None:
-    spec: dict[str, Any] = {
-        "name": "e2e-tiny",
-        "base": {"preset": "tiny_cpu", "overrides": MICRO},
-        "arms": {"list": [{"name": "dino", "overrides": ["method=dino"]}, {"name": "selfpatch"}]},
-        "baseline": "dino",
-        "seeds": 2,
-        "evaluations": [
-            {
-                "benchmark": "knn",
-                "data": str(FASHION_MNIST),
-                "overrides": ["max_train_samples=1000", "max_test_samples=300"],
-                "final": True,
-            }
-        ],
-        "metrics": {"primary": "knn/top1_k20"},
-        "launcher": "local",
-        "max_concurrent": 2,
-    }
+    spec = tiny_sweep("e2e-tiny")
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
     service = Service(

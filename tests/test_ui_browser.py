@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
-from tests.support import ADMIN, FASHION_MNIST, MICRO, READER, REPO, Service, get, post, submit, wait_for
+from tests.support import ADMIN, MICRO, READER, REPO, Service, get, post, submit, tiny_sweep, wait_for
 
 pytestmark = pytest.mark.slow  # real runs, a sweep and its evaluations
 
@@ -52,27 +52,6 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def sweep_spec() -> dict[str, Any]:
-    return {
-        "name": "ui-tiny",
-        "base": {"preset": "tiny_cpu", "overrides": MICRO},
-        "arms": {"list": [{"name": "dino", "overrides": ["method=dino"]}, {"name": "selfpatch"}]},
-        "baseline": "dino",
-        "seeds": 2,
-        "evaluations": [
-            {
-                "benchmark": "knn",
-                "data": str(FASHION_MNIST),
-                "overrides": ["max_train_samples=1000", "max_test_samples=300"],
-                "final": True,
-            }
-        ],
-        "metrics": {"primary": "knn/top1_k20"},
-        "launcher": "local",
-        "max_concurrent": 2,
-    }
-
-
 def test_the_web_ui_in_a_real_browser(tmp_path: Path, mlflow_server: str, browser: Any) -> None:
     db_url = f"sqlite:///{tmp_path / 'orch.db'}"
     service = Service(
@@ -93,7 +72,7 @@ def test_the_web_ui_in_a_real_browser(tmp_path: Path, mlflow_server: str, browse
         page = log_in(browser, url, ADMIN)
         assert page.url == url + "/"
         page.evaluate("window.__loaded_once = true")  # survives only if the page is never reloaded
-        created = post(url, "/sweeps", sweep_spec())
+        created = post(url, "/sweeps", tiny_sweep("ui-tiny"))
         assert created.status_code == 201, created.text
         sweep = created.json()["sweep"]
         first = sweep["trials"][0]["run_id"]
