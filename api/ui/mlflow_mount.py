@@ -130,23 +130,29 @@ class Proxy:
 
 
 def in_process(tracking_uri: str) -> ASGIApp:
-    """MLflow's Flask app over a local store (its server reads the store from these variables). The app is a
-    module-level singleton that caches its store, so a process serves one local store: the first it mounts."""
-    from a2wsgi import WSGIMiddleware
+    """MLflow's Flask app over a local store (its server reads the store from these variables), imported on
+    the first request to /mlflow, not when the service starts. The app is a module-level singleton that
+    caches its store, so a process serves one local store: the first it mounts."""
+    loaded: list[Any] = []
 
-    os.environ.setdefault("_MLFLOW_SERVER_FILE_STORE", tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):
-        artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
-        os.environ.setdefault("_MLFLOW_SERVER_ARTIFACT_ROOT", artifacts.as_uri())
-    from mlflow.server import app as flask_app
+    def wsgi() -> Any:
+        if not loaded:
+            from a2wsgi import WSGIMiddleware
 
-    wsgi: Any = WSGIMiddleware(flask_app)  # type: ignore[arg-type]
+            os.environ.setdefault("_MLFLOW_SERVER_FILE_STORE", tracking_uri)
+            if tracking_uri.startswith("sqlite:///"):
+                artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+                os.environ.setdefault("_MLFLOW_SERVER_ARTIFACT_ROOT", artifacts.as_uri())
+            from mlflow.server import app as flask_app
+
+            loaded.append(WSGIMiddleware(flask_app))  # type: ignore[arg-type]
+        return loaded[0]
 
     async def local(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
             scope = {**scope, "headers": [(b"host", b"localhost"), *headers]}
-        await wsgi(scope, receive, send)
+        await wsgi()(scope, receive, send)
 
     return local
 
