@@ -8,8 +8,9 @@ import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +31,21 @@ class Settings(BaseSettings):
     )
     mlflow_ui_url: str | None = Field(None, description="Base URL of the MLflow UI, for links in responses.")
     api_url: str = Field("http://127.0.0.1:8000", description="URL jobs report progress to.")
+    job_api_url: str | None = Field(
+        None,
+        description="URL jobs on other machines (SLURM nodes, Ray workers) reach the API at, when api_url is a "
+        "name only the service's network resolves (compose's http://api:8000); default api_url.",
+    )
+    job_mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow server URL those jobs log to, when the service's own is network-internal "
+        "(http://mlflow:5000); default the service's tracking URI.",
+    )
+    slurm_python: str | None = Field(
+        None,
+        description="Interpreter on the SLURM nodes with this project installed, when it is not at `python`'s "
+        "path there (the service runs in a container); SLURM jobs only.",
+    )
     secret_key: str | None = Field(
         None, description="Key that derives each run's report token; default <home>/secret.key."
     )
@@ -51,6 +67,36 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Service logs: text, or JSON lines with the request id and an access line per request."
     )
+
+    @field_validator("job_api_url", "job_mlflow_tracking_uri")
+    @classmethod
+    def _reachable_url(cls, value: str | None) -> str | None:
+        """Written into every job file and used from other machines: refuse what could not work there."""
+        if value is None or value == "":
+            return None
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain whitespace or control characters")
+        parts = urlsplit(value)
+        _ = parts.port  # ValueError for a port that is not a number in 0-65535
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: no credentials, query or fragment (jobs append paths to it)")
+        return value.rstrip("/")
+
+    @field_validator("slurm_python")
+    @classmethod
+    def _absolute_python(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in value):
+            raise ValueError(f"{value!r} is not an absolute path without spaces")
+        return value
+
+    @property
+    def jobs_api_url(self) -> str:
+        """The API URL written into job files."""
+        return self.job_api_url or self.api_url
 
     @computed_field  # type: ignore[prop-decorator]
     @cached_property

@@ -66,11 +66,12 @@ class Context:
             kind=job.kind,
             job_id=str(job.id),
             payload=payload,
-            api_url=self.settings.api_url,
+            api_url=self.settings.jobs_api_url,
             report_path=f"/api/v1/{KINDS[job.kind].collection}/{job.id}/reports",
             token=job_token(self.settings.secret, job.id),
             backend=job.launcher,
-            mlflow_tracking_uri=self.mlflow.tracking_uri if self.mlflow else self.settings.tracking_uri,
+            mlflow_tracking_uri=self.settings.job_mlflow_tracking_uri
+            or (self.mlflow.tracking_uri if self.mlflow else self.settings.tracking_uri),
             mlflow_experiment_id=mlflow_experiment_id,
             mlflow_run_id=mlflow_run_id,
         )

@@ -246,11 +246,15 @@ class SlurmLauncher:
         default_partition: str | None = None,
         python: str | None = None,
         max_num_timeout: int = 3,
+        job_python: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.default_partition = default_partition
-        self.python = python or sys.executable
+        self.python = job_python or python or sys.executable
         self.max_num_timeout = max_num_timeout
+        # the nodes' interpreter, when the service's own path does not exist there (a container): it starts
+        # submitit's bootstrap and replaces the interpreter of the job's command
+        self.job_python = job_python
 
     # ------------------------------------------------------------------ submission
 
@@ -315,7 +319,8 @@ class SlurmLauncher:
     def task(self, spec: JobSpec) -> SlurmWorkerTask:
         sig, _ = parse_signal(spec.resources.extra_options())
         env = {**spec.env, "ORCH_RUN_ID": spec.job_id}
-        return SlurmWorkerTask(spec.argv, str(spec.workdir), env, sig)
+        argv = [self.job_python, *spec.argv[1:]] if self.job_python and spec.argv else spec.argv
+        return SlurmWorkerTask(argv, str(spec.workdir), env, sig)
 
     def _executor(self, spec: JobSpec, render_only: bool) -> Any:
         from submitit.slurm.slurm import SlurmExecutor
@@ -566,4 +571,9 @@ def _render_executor_class() -> Any:
 
 def from_settings(settings: Settings, queue: str) -> SlurmLauncher:
     """One launcher for both queues: evaluations pick their partition/QoS through their resources."""
-    return SlurmLauncher(settings.home.resolve() / "slurm", default_partition=settings.slurm_partition)
+    return SlurmLauncher(
+        settings.home.resolve() / "slurm",
+        default_partition=settings.slurm_partition,
+        python=settings.python,
+        job_python=settings.slurm_python,
+    )
