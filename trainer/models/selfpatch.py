@@ -58,6 +58,21 @@ def neighbor_index(height: int, width: int, window: int = 3, border: str = "wrap
     return index, valid
 
 
+def neighbour_similarity(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (B, N, M) of every patch of x (B, N, C) with its M neighbours in `index` (N, M).
+
+    While N <= M*C (every realistic grid) it picks the entries out of the (B, N, N) Gram matrix: one
+    matrix product, never larger than the (B, N, M, C) gather of neighbour features it replaces, which
+    stays the path for larger grids. Both agree to float rounding (about 1e-7).
+    """
+    x_norm = F.normalize(x, dim=-1)
+    batch, n_patches, dim = x.shape
+    if n_patches <= index.shape[1] * dim:
+        gram = torch.bmm(x_norm, x_norm.transpose(1, 2))
+        return gram.gather(2, index.expand(batch, -1, -1))
+    return torch.einsum("bnmc,bnc->bnm", x_norm[:, index], x_norm)
+
+
 def select_positives(
     x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,8 +81,7 @@ def select_positives(
     `valid` is None when every neighbour is real ('wrap' border). With a `valid` table, also returns a
     boolean mask (B, N, k) of the picks that are real neighbours (fewer than k exist near corners).
     """
-    x_norm = F.normalize(x, dim=-1)
-    similarity = torch.einsum("bnmc,bnc->bnm", x_norm[:, index], x_norm)
+    similarity = neighbour_similarity(x, index)
     if valid is not None:
         similarity = similarity.masked_fill(~valid, float("-inf"))
     top = similarity.topk(k, dim=-1).indices  # (B, N, k) positions in the neighbour table
@@ -122,22 +136,55 @@ class ClassAttentionBlock(nn.Module):
         u = self.norm1(x)
         return self.attn.k(u), self.attn.v(u)
 
-    def attend(
-        self, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One block update of y (B, 1, C) given the projected keys/values (B, T, C) of the tokens it reads."""
-        shared = y.shape[0] > 1 and y.stride(0) == 0  # the same query for every row (the first block's q0)
+    def _query(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q, k, v of the query tokens y (R, 1, C); computed once when y is one query expanded (the first
+        block's q0), then the results are that one row (shared=True)."""
+        shared = y.shape[0] > 1 and y.stride(0) == 0
         u_y = self.norm1(y[:1] if shared else y)
-        q, k_y, v_y = self.attn.q(u_y), self.attn.k(u_y), self.attn.v(u_y)
-        if shared:
-            q, k_y, v_y = (t.expand(y.shape[0], -1, -1) for t in (q, k_y, v_y))
-        keys = torch.cat([k_y, keys], dim=1)
-        values = torch.cat([v_y, values], dim=1)
+        return self.attn.q(u_y), self.attn.k(u_y), self.attn.v(u_y), shared
+
+    def _update(
+        self, y: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if key_mask is not None:  # the query token always attends to itself
             key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)
         y = y + self.attn(q, keys, values, key_mask)
         updated: torch.Tensor = y + self.mlp(self.norm2(y))
         return updated
+
+    def attend(
+        self, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One block update of y (B, 1, C) given the projected keys/values (B, T, C) of the tokens it reads."""
+        q, k_y, v_y, shared = self._query(y)
+        if shared:
+            q, k_y, v_y = (t.expand(y.shape[0], -1, -1) for t in (q, k_y, v_y))
+        keys = torch.cat([k_y, keys], dim=1)
+        values = torch.cat([v_y, values], dim=1)
+        return self._update(y, q, keys, values, key_mask)
+
+    def attend_rows(
+        self,
+        y: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`attend` for queries y (R, 1, C) that read the tokens `rows` (R, T) of keys/values (P, C).
+
+        Same values as gathering keys[rows] and prepending each query's own key, but with one gather
+        straight into the (R, 1 + T, C) attention input instead of a gather and then a concatenation.
+        """
+        q, k_y, v_y, shared = self._query(y)
+        n_rows, dim = y.shape[0], y.shape[-1]
+        own = torch.zeros(n_rows, 1, dtype=rows.dtype, device=rows.device)
+        if not shared:
+            own = torch.arange(n_rows, dtype=rows.dtype, device=rows.device).view(-1, 1)
+        take = torch.cat([own, rows + k_y.shape[0]], dim=1).view(-1)
+        gathered_keys = torch.cat([k_y.reshape(-1, dim), keys])[take].view(n_rows, -1, dim)
+        gathered_values = torch.cat([v_y.reshape(-1, dim), values])[take].view(n_rows, -1, dim)
+        return self._update(y, q.expand(n_rows, -1, -1) if shared else q, gathered_keys, gathered_values, key_mask)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.attend(y, *self.key_values(x), key_mask)
@@ -189,19 +236,16 @@ class AggregationHead(nn.Module):
         if not match:
             for block in self.cls_blocks:
                 image = block(x, image)
-            out = self.norm(torch.cat([image, x], dim=1))
-            return out[:, 0], out[:, 1:]
+            # LayerNorm acts per token: norming the image token and the patches apart gives the values of
+            # norming their concatenation, without copying the patches twice (cat, then a strided slice)
+            return self.norm(image[:, 0]), self.norm(x)
         index, valid = self.neighbours(grid, x.device)
         chosen, mask = select_positives(x, index, valid, self.k)  # (B, N, k)
-        rows = (chosen + torch.arange(batch, device=x.device).view(-1, 1, 1) * n_patches).reshape(-1)
+        rows = (chosen + torch.arange(batch, device=x.device).view(-1, 1, 1) * n_patches).view(-1, self.k)
         key_mask = None if mask is None else mask.reshape(batch * n_patches, self.k)
         summary = self.cls_token.expand(batch * n_patches, -1, -1)
         for block in self.blocks:
             keys, values = block.key_values(x)  # shared by both paths
             image = block.attend(image, keys, values)
-            pos_keys = keys.reshape(-1, dim)[rows].view(batch * n_patches, self.k, dim)
-            pos_values = values.reshape(-1, dim)[rows].view(batch * n_patches, self.k, dim)
-            summary = block.attend(summary, pos_keys, pos_values, key_mask)
-        patches = summary.reshape(batch, n_patches, dim)
-        out = self.norm(torch.cat([image, patches], dim=1))
-        return out[:, 0], out[:, 1:]
+            summary = block.attend_rows(summary, keys.reshape(-1, dim), values.reshape(-1, dim), rows, key_mask)
+        return self.norm(image[:, 0]), self.norm(summary.view(batch, n_patches, dim))

@@ -1,0 +1,184 @@
+"""The faster SelfPatch parts against the formulas they replace: same losses and gradients in fp32.
+
+Each reference below is the earlier implementation, written out literally, so the fused or chunked code
+is checked against it on identical inputs (values to ~1e-6 relative, gradients too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.losses import MultiCropLoss, patch_cross_entropy
+from trainer.models.selfpatch import AggregationHead, neighbor_index, neighbour_similarity, select_positives
+
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def _old_patch_loss(
+    loss: MultiCropLoss, student: list[torch.Tensor], teacher: list[torch.Tensor], temp: float, batch: int
+) -> torch.Tensor:
+    """The unchunked patch loss: full-size targets and log-probabilities, autograd through both."""
+    per_view = []
+    for s_group, t_group in zip(student, teacher, strict=False):
+        targets = F.softmax((t_group - loss.patch_center) / temp, dim=-1).detach()
+        log_probs = F.log_softmax(s_group[: t_group.shape[0]] / loss.student_temp, dim=-1)
+        ce = -(targets * log_probs).sum(dim=-1)
+        per_view.append(ce.reshape(-1, batch * ce.shape[-1]).mean(dim=1))
+    return torch.cat(per_view).mean()
+
+
+def _old_similarity(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    x_norm = F.normalize(x, dim=-1)
+    return torch.einsum("bnmc,bnc->bnm", x_norm[:, index], x_norm)
+
+
+def _old_aggregation(
+    head: AggregationHead, x: torch.Tensor, grid: tuple[int, int], match: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The earlier forward: gathered neighbour features for the similarity, keys gathered then concatenated
+    with the query's own key, and one LayerNorm over [image; patches] sliced apart."""
+    batch, n_patches, dim = x.shape
+    image = head.cls_token.expand(batch, -1, -1)
+    if not match:
+        for block in head.blocks:
+            image = block(x, image)
+        out = head.norm(torch.cat([image, x], dim=1))
+        return out[:, 0], out[:, 1:]
+    index, valid = head.neighbours(grid, x.device)
+    similarity = _old_similarity(x, index)
+    if valid is not None:
+        similarity = similarity.masked_fill(~valid, float("-inf"))
+    top = similarity.topk(head.k, dim=-1).indices
+    chosen = index.expand(batch, -1, -1).gather(2, top)
+    mask = None if valid is None else valid.expand(batch, -1, -1).gather(2, top)
+    rows = (chosen + torch.arange(batch).view(-1, 1, 1) * n_patches).reshape(-1)
+    key_mask = None if mask is None else mask.reshape(batch * n_patches, head.k)
+    summary = head.cls_token.expand(batch * n_patches, -1, -1)
+    for block in head.blocks:
+        keys, values = block.key_values(x)
+        image = block.attend(image, keys, values)
+        pos_keys = keys.reshape(-1, dim)[rows].view(batch * n_patches, head.k, dim)
+        pos_values = values.reshape(-1, dim)[rows].view(batch * n_patches, head.k, dim)
+        summary = block.attend(summary, pos_keys, pos_values, key_mask)
+    out = head.norm(torch.cat([image, summary.reshape(batch, n_patches, dim)], dim=1))
+    return out[:, 0], out[:, 1:]
+
+
+def _assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """Max error within 1e-6 of the tensor's largest entry: sums over a different split of the same rows
+    (two LayerNorm calls instead of one) round differently in their last bits, entry by entry."""
+    error = float((got - expected).abs().max())
+    assert error <= 1e-6 * float(expected.abs().max()) + 1e-6, (name, error)
+
+
+def _grads(
+    tensors: list[torch.Tensor], inputs: list[torch.Tensor], weights: list[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of sum_i <tensors_i, weights_i> (a generic downstream use) with respect to `inputs`."""
+    total = sum((t * w).sum() for t, w in zip(tensors, weights, strict=True))
+    assert isinstance(total, torch.Tensor)
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 7 * 5, 1])
+def test_chunked_patch_loss_equals_the_unchunked_formula(chunk_elements: int | None) -> None:
+    torch.manual_seed(0)
+    batch, classes, temp = 3, 37, 0.04
+    groups = [(2, 9), (4, 4)]  # (crops, patches per crop)
+    student = [torch.randn(v * batch, n, classes, requires_grad=True) for v, n in groups]
+    teacher = [torch.randn(v * batch, n, classes) for v, n in groups]
+    loss = MultiCropLoss(11, classes)
+    loss.patch_center.normal_()
+    expected = _old_patch_loss(loss, student, teacher, temp, batch)
+    expected_grads = torch.autograd.grad(expected, student)
+
+    per_view = []
+    for s, t in zip(student, teacher, strict=True):
+        ce = patch_cross_entropy(s, t, loss.patch_center, temp, loss.student_temp, chunk_elements)
+        per_view.append(ce.reshape(-1, batch * ce.shape[-1]).mean(dim=1))
+    got = torch.cat(per_view).mean()
+    got_grads = torch.autograd.grad(got, student)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
+
+
+def test_patch_loss_of_the_module_equals_the_unchunked_formula_at_vit_s_width() -> None:
+    """MultiCropLoss.patch_loss at the real patch-head width (4096), teacher covering a prefix of the views."""
+    torch.manual_seed(1)
+    batch, classes, temp = 2, 4096, 0.04
+    student = [torch.randn(4 * batch, 16, classes, requires_grad=True), torch.randn(3 * batch, 4, classes)]
+    student[1].requires_grad_(True)
+    teacher = [torch.randn(2 * batch, 16, classes), torch.randn(3 * batch, 4, classes)]
+    loss = MultiCropLoss(11, classes)
+    loss.patch_center.normal_()
+    expected = _old_patch_loss(loss, student, teacher, temp, batch)
+    expected_grads = torch.autograd.grad(expected, student)
+    got = loss.patch_loss(student, teacher, temp, batch)
+    got_grads = torch.autograd.grad(got, student)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
+    assert bool((got_grads[0][2 * batch :] == 0).all())  # views the teacher did not see get no patch gradient
+
+
+def test_patch_loss_in_bf16_matches_the_unchunked_formula() -> None:
+    torch.manual_seed(2)
+    s = torch.randn(6, 5, 64).bfloat16().requires_grad_(True)
+    t = torch.randn(6, 5, 64).bfloat16()
+    center = torch.randn(1, 64)
+    expected = -(F.softmax((t.float() - center) / 0.04, -1) * F.log_softmax(s.float() / 0.1, -1)).sum(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), s)
+    got = patch_cross_entropy(s, t, center, 0.04, 0.1, chunk_elements=64 * 4)
+    (got_grad,) = torch.autograd.grad(got.sum(), s)
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got_grad, expected_grad)  # bf16: at most one rounding apart
+
+
+def test_patch_loss_refuses_a_second_backward_and_keeps_no_buffer_without_grad() -> None:
+    s = torch.randn(4, 8, requires_grad=True)
+    t = torch.randn(4, 8)
+    ce = patch_cross_entropy(s, t, torch.zeros(1, 8), 0.04, 0.1)
+    torch.autograd.backward(ce.sum(), retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        torch.autograd.backward(ce.sum())
+    with torch.no_grad():
+        plain = patch_cross_entropy(s, t, torch.zeros(1, 8), 0.04, 0.1)
+    torch.testing.assert_close(plain, ce.detach())
+
+
+@pytest.mark.parametrize(("height", "width", "dim"), [(14, 14, 48), (6, 6, 384), (3, 3, 1)])
+def test_neighbour_similarity_equals_the_gathered_einsum(height: int, width: int, dim: int) -> None:
+    """(3, 3, 1): N=9 > 8 * C takes the gather path; the others take the Gram matrix."""
+    torch.manual_seed(3)
+    x = torch.randn(4, height * width, dim)
+    index, _ = neighbor_index(height, width, 3, "wrap")
+    expected = _old_similarity(x, index)
+    torch.testing.assert_close(neighbour_similarity(x, index), expected, rtol=RTOL, atol=1e-6)
+    chosen, _ = select_positives(x, index, None, 4)
+    assert torch.equal(chosen, index.expand(4, -1, -1).gather(2, expected.topk(4, dim=-1).indices))
+
+
+@pytest.mark.parametrize(("border", "match"), [("wrap", True), ("valid", True), ("wrap", False)])
+def test_aggregation_head_equals_the_earlier_forward_with_gradients(border: str, match: bool) -> None:
+    torch.manual_seed(4)
+    dim, heads, batch, grid = 48, 3, 3, (5, 5)
+    head = AggregationHead(dim, heads, k=4, window=3, border=border)
+    for param in head.parameters():  # away from the zero-bias init, so every path carries signal
+        param.data.add_(0.05 * torch.randn_like(param))
+    x = torch.randn(batch, grid[0] * grid[1], dim, requires_grad=True)
+    params = [x, *head.parameters()]
+    expected = _old_aggregation(head, x, grid, match)
+    weights = [torch.randn_like(t) for t in expected]
+    expected_grads = _grads(list(expected), params, weights)
+    got = head(x, grid, match=match)
+    got_grads = _grads(list(got), params, weights)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
+    for name, g_grad, e_grad in zip(["x", *dict(head.named_parameters())], got_grads, expected_grads, strict=True):
+        assert (g_grad is None) == (e_grad is None), name
+        if g_grad is not None and e_grad is not None:
+            _assert_close_to_scale(g_grad, e_grad, name)
