@@ -6,12 +6,25 @@ is checked against it on identical inputs (values to ~1e-6 relative, gradients t
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from tests.support import free_port, micro_overrides
+from trainer.config import TrainConfig
+from trainer.distributed import DistInfo, full_state_dict, is_sharded, load_full_state_dict
+from trainer.engine import Engine
 from trainer.losses import MultiCropLoss, patch_cross_entropy
 from trainer.models.selfpatch import AggregationHead, neighbor_index, neighbour_similarity, select_positives
+from trainer.models.wrapper import build_model
+from trainer.presets import ConfigError, load_config
 
 RTOL, ATOL = 1e-6, 1e-7
 
@@ -66,11 +79,11 @@ def _old_aggregation(
     return out[:, 0], out[:, 1:]
 
 
-def _assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+def _assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, name: str = "", floor: float = 1e-6) -> None:
     """Max error within 1e-6 of the tensor's largest entry: sums over a different split of the same rows
     (two LayerNorm calls instead of one) round differently in their last bits, entry by entry."""
     error = float((got - expected).abs().max())
-    assert error <= 1e-6 * float(expected.abs().max()) + 1e-6, (name, error)
+    assert error <= 1e-6 * float(expected.abs().max()) + floor, (name, error)
 
 
 def _grads(
@@ -182,3 +195,125 @@ def test_aggregation_head_equals_the_earlier_forward_with_gradients(border: str,
         assert (g_grad is None) == (e_grad is None), name
         if g_grad is not None and e_grad is not None:
             _assert_close_to_scale(g_grad, e_grad, name)
+
+
+def _crops(cfg: TrainConfig, seed: int) -> list[torch.Tensor]:
+    gen, c, b = torch.Generator().manual_seed(seed), cfg.crops, cfg.optim.batch_size_per_gpu
+    sizes = [c.global_size] * 2 + [c.local_size] * c.local_number
+    return [torch.randn(b, 3, s, s, generator=gen) for s in sizes]
+
+
+def _two_steps(cfg: TrainConfig, info: DistInfo, steps: int = 2) -> tuple[Engine, list[float]]:
+    torch.manual_seed(0)
+    engine = Engine.build(cfg, torch.device("cpu"), None, info)
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(100 + i)  # the same stochastic depth in every run
+        values = engine.step(
+            _crops(cfg, seed=10 * info.rank + i), epoch=1, lr=1e-3, weight_decay=0.04, momentum=0.99, temp=0.04
+        )
+        losses.append(float(values.loss))
+    return engine, losses
+
+
+def test_grad_checkpointing_gives_the_same_step(tmp_path: Path) -> None:
+    """Two optimisation steps with and without recomputed blocks: same losses, same weights after."""
+    runs = {}
+    for flag in (False, True):
+        cfg = load_config("tiny_cpu", micro_overrides(tmp_path, "selfpatch", f"model.grad_checkpointing={flag}"))
+        engine, losses = _two_steps(cfg, DistInfo())
+        assert engine.student.backbone.grad_checkpointing is flag
+        assert engine.teacher.backbone.grad_checkpointing is False
+        runs[flag] = (losses, engine.student.state_dict(), engine.teacher.state_dict())
+    (plain_losses, plain_s, plain_t), (ckpt_losses, ckpt_s, ckpt_t) = runs[False], runs[True]
+    assert plain_losses == pytest.approx(ckpt_losses, rel=1e-6)
+    assert plain_losses[0] != plain_losses[1]  # the first step changed the weights the second one used
+    for plain, ckpt in ((plain_s, ckpt_s), (plain_t, ckpt_t)):
+        assert plain.keys() == ckpt.keys()
+        for key, value in plain.items():
+            _assert_close_to_scale(ckpt[key], value, key)
+
+
+def _distributed_worker(rank: int, world: int, strategy: str, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = Path(out_dir)
+        cfg = load_config("tiny_cpu", micro_overrides(out, "selfpatch", f"distributed.strategy={strategy}"))
+        engine, losses = _two_steps(cfg, DistInfo(rank, world, 0))
+        assert is_sharded(engine.student) is (strategy == "fsdp")
+        student, teacher = full_state_dict(engine.student), full_state_dict(engine.teacher)
+        if strategy == "fsdp":
+            with pytest.raises(RuntimeError, match="only this rank's shards"):
+                engine.student.state_dict()
+            load_full_state_dict(engine.teacher, full_state_dict_of(cfg))  # every rank, whole tensors
+        if rank == 0:
+            result: dict[str, Any] = {"losses": losses, "student": student, "teacher": teacher}
+            result["center"] = engine.loss_fn.patch_center.clone()
+            if strategy == "fsdp":
+                result["reloaded"] = full_state_dict(engine.teacher)
+            torch.save(result, out / f"{strategy}.pt")
+        elif strategy == "fsdp":
+            full_state_dict(engine.teacher)  # the gather is collective
+    finally:
+        dist.destroy_process_group()
+
+
+def full_state_dict_of(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """A fresh teacher's weights (seeded), to load into a sharded one."""
+    torch.manual_seed(7)
+    return build_model(cfg, student=False).state_dict()
+
+
+@pytest.mark.slow
+def test_fsdp_step_equals_the_ddp_step_on_two_cpu_processes(tmp_path: Path) -> None:
+    """FSDP2 on a 2-process gloo group: the same losses, weights and centers as DDP after two steps, the
+    unsharded checkpoint layout, and a sharded model that refuses a shards-only state_dict()."""
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        spawn = multiprocessing.get_context("spawn")
+        port = free_port()
+        workers = [
+            spawn.Process(target=_distributed_worker, args=(rank, 2, strategy, port, str(tmp_path))) for rank in (0, 1)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=300)
+            if worker.is_alive():  # a hung collective: do not leave it behind
+                worker.kill()
+        assert [worker.exitcode for worker in workers] == [0, 0], strategy
+        results[strategy] = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
+    ddp, fsdp = results["ddp"], results["fsdp"]
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-6)
+    assert ddp["losses"][0] != ddp["losses"][1]
+    torch.testing.assert_close(fsdp["center"], ddp["center"], rtol=1e-6, atol=1e-7)
+    for part in ("student", "teacher"):
+        assert list(fsdp[part]) == list(ddp[part])  # same keys in the same order: the checkpoint layout
+        for key, value in ddp[part].items():
+            assert type(fsdp[part][key]) is torch.Tensor and fsdp[part][key].shape == value.shape  # no DTensor
+            # floor: the attention key biases have a zero gradient in exact arithmetic, so AdamW (which
+            # normalises a gradient's size away) moves them by rounding noise, differently in each run
+            _assert_close_to_scale(fsdp[part][key], value, f"{part}.{key}", floor=1e-5)
+    reloaded, fresh = fsdp["reloaded"], full_state_dict_of(load_config("tiny_cpu", micro_overrides(tmp_path)))
+    assert all(torch.equal(reloaded[key], value) for key, value in fresh.items())
+
+
+def test_distributed_strategy_is_validated_and_left_out_of_the_hash(tmp_path: Path) -> None:
+    base = load_config("tiny_cpu", micro_overrides(tmp_path))
+    assert base.distributed.strategy == "ddp" and base.model.grad_checkpointing is False  # faithful defaults
+    fsdp = load_config("tiny_cpu", micro_overrides(tmp_path, "selfpatch", "distributed.strategy=fsdp"))
+    ckpt = load_config("tiny_cpu", micro_overrides(tmp_path, "selfpatch", "model.grad_checkpointing=true"))
+    assert base.config_hash() == fsdp.config_hash() == ckpt.config_hash()  # how, not what, is computed
+    with pytest.raises(ConfigError, match=r"distributed\.strategy"):
+        load_config("tiny_cpu", micro_overrides(tmp_path, "selfpatch", "distributed.strategy=zero3"))
+    with pytest.raises(ValidationError):
+        TrainConfig.model_validate({"model": {"grad_checkpointing": 2}})
+
+
+def test_one_process_runs_the_bare_student_whatever_the_strategy(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", micro_overrides(tmp_path, "selfpatch", "distributed.strategy=fsdp"))
+    engine = Engine.build(cfg, torch.device("cpu"), None, DistInfo())
+    assert engine.student_ddp is engine.student and not is_sharded(engine.student)
+    assert full_state_dict(engine.student).keys() == engine.student.state_dict().keys()

@@ -121,6 +121,12 @@ class ModelConfig(_Section):
         description="Positional-embedding resize for other crop sizes: 'dino' = bicubic with the +0.1 offset "
         "(official); 'timm' = timm's antialiased resample (deviation).",
     )
+    grad_checkpointing: bool = Field(
+        False,
+        description="Recompute the student's ViT blocks during the backward instead of keeping their activations: "
+        "less memory for larger models or batches, about one more block forward of compute. Same numbers "
+        "(stochastic depth is replayed); official: off.",
+    )
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -350,11 +356,38 @@ class CollapseConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    """How the student is spread over processes (one per GPU); a single process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="'ddp': every process holds the whole student, gradients all-reduced (official). 'fsdp': "
+        "FSDP2 (fully_shard per ViT block, then the whole student): parameters, gradients and optimizer state "
+        "sharded over processes, for models that do not fit one GPU; the same update to fp32 rounding.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free the gathered parameters after each block's forward (least memory) rather than "
+        "keeping them for the backward (one all-gather fewer per block).",
+    )
+
+
 #: Fields that say where and how to observe a run, not what is computed: left out of the config hash. The
 #: dataset's path is where it lives, not what it is: the same preset hashes the same in every clone and on
-#: every cluster (the path is recorded with the config, beside the hash).
+#: every cluster (the path is recorded with the config, beside the hash). Activation checkpointing and DDP vs
+#: FSDP compute the same numbers to fp32 rounding, like the device: they are left out too.
 UNHASHED_FIELDS: frozenset[str] = frozenset(
-    {"checkpoint", "logging", "data.num_workers", "data.path", "stop_at_step", "device", "collapse"}
+    {
+        "checkpoint",
+        "logging",
+        "data.num_workers",
+        "data.path",
+        "stop_at_step",
+        "device",
+        "collapse",
+        "model.grad_checkpointing",
+        "distributed",
+    }
 )
 
 
@@ -382,6 +415,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("crops")
     @classmethod

@@ -1,13 +1,21 @@
-"""Process-group setup from torchrun or SLURM environment variables, in one place (as DINO does)."""
+"""Process-group setup from torchrun or SLURM environment variables, in one place (as DINO does), and how
+the student is spread over the processes (DDP, or FSDP2 for models that do not fit one GPU)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,90 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_student(
+    student: nn.Module, teacher: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device
+) -> nn.Module:
+    """The module the step runs the student's forward through: the student itself in one process, else
+    DDP (cfg.distributed.strategy 'ddp') or the student sharded in place with FSDP2 ('fsdp').
+
+    FSDP shards the teacher the same way, so the teacher EMA runs shard by shard on each rank with no
+    communication. Parameter names do not change (FSDP2 wraps in place), but values become DTensor
+    shards: a checkpoint needs `full_state_dict` on every rank.
+    """
+    if not info.enabled:
+        return student
+    if cfg.distributed.strategy == "ddp":
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    reshard = cfg.distributed.reshard_after_forward
+    shard_model(student, reshard_after_forward=reshard)
+    shard_model(teacher, reshard_after_forward=True)  # forward only: nothing to keep for a backward
+    return student
+
+
+def shard_model(model: nn.Module, *, reshard_after_forward: bool = True) -> None:
+    """FSDP2 in place: each ViT block is one unit (its all-gather overlaps the previous block's compute),
+    the rest (patch embedding, aggregation module, heads) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    backbone = model.get_submodule("backbone")
+    for block in backbone.get_submodule("blocks").children():
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    model.register_state_dict_pre_hook(_refuse_sharded_state_dict)  # type: ignore[no-untyped-call]
+
+
+_gathering = False  # inside `full_state_dict`: the sharded state dict is being gathered on every rank
+
+
+def _refuse_sharded_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """A sharded module's plain state_dict() holds this rank's shards only: saving it would lose the rest."""
+    if not _gathering and not prefix:
+        raise RuntimeError(
+            "an FSDP-sharded model's state_dict() holds only this rank's shards; "
+            "call trainer.distributed.full_state_dict(model) on every rank instead"
+        )
+
+
+@contextmanager
+def _allow_sharded_state_dict() -> Iterator[None]:
+    global _gathering
+    _gathering = True
+    try:
+        yield
+    finally:
+        _gathering = False
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The whole state dict on CPU, keys and shapes as an unsharded model's (the checkpoint layout).
+
+    For an FSDP-sharded model this gathers every parameter, so every rank must call it; then only rank 0
+    gets the tensors (the others an empty dict): rank 0 saves.
+    """
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    with _allow_sharded_state_dict():
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return dict(state)
+
+
+def load_full_state_dict(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Load an unsharded state dict (a checkpoint's) into the model, sharded or not, strictly."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with _allow_sharded_state_dict():
+        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))

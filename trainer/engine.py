@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.diagnostics import step_diagnostics
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, wrap_student
 from trainer.losses import MultiCropLoss
 from trainer.models.wrapper import DINOModel, MultiCropOutput, SelfPatchModel, build_model
 from trainer.optim import (
@@ -55,10 +55,7 @@ class Engine:
         for param in teacher.parameters():
             param.requires_grad = False
         teacher.eval()
-        student_ddp: nn.Module = student
-        if info.enabled:
-            device_ids = [device.index] if device.type == "cuda" else None
-            student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+        student_ddp = wrap_student(student, teacher, cfg, info, device)  # DDP or FSDP2 (cfg.distributed)
         selfpatch = cfg.method == "selfpatch"
         loss_fn = MultiCropLoss(
             cfg.head.out_dim,

@@ -80,6 +80,8 @@ def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel | SelfPatchMode
     backbone = build_backbone(
         cfg.model, cfg.method, cfg.img_size, drop_path_rate=cfg.model.drop_path_rate if student else 0.0
     )
+    if student and cfg.model.grad_checkpointing:  # the teacher never runs a backward
+        backbone.set_grad_checkpointing(True)
     width = cfg.model.dims[0]
     h = cfg.head
 
