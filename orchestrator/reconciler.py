@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from orchestrator.jobs.records import (
     close_attempt,
     current_attempt,
     get_job,
+    lock_jobs,
     record_event,
     scheduler_restart,
     transition,
@@ -57,6 +58,10 @@ log = logging.getLogger("orchestrator.reconciler")
 ACTOR = "reconciler"
 #: How an attempt the reconciler stopped for silence is marked, so its end is settled as lost, not cancelled.
 NO_HEARTBEAT = "lost: no heartbeat for"
+#: Jobs whose row locks one transaction takes together.
+FOLLOW_BATCH = 100
+ACTIVE = [s.value for s in Status if not s.terminal]
+OPEN_ATTEMPTS = ["submitting", "pending", "running"]
 
 
 @dataclass
@@ -76,9 +81,13 @@ class Tracked:
     kind: str
     status: Status
     launcher: str
+    folder: str
+    heartbeat_at: datetime | None = None
     attempt_state: str | None = None
     backend_job_id: str | None = None
     restarts_seen: int = 0  # earlier attempts under the same scheduler job id (scheduler-side requeues)
+    attempt_host: str | None = None
+    attempt_started_at: datetime | None = None
 
     @property
     def queue(self) -> str:
@@ -158,27 +167,33 @@ class Reconciler:
             except Exception as exc:
                 log.exception("array of %d jobs", len(members))
                 stats.errors.append(f"array of {len(members)} jobs: {exc}")
+        now = utcnow()
+        changing = [
+            job
+            for job in tracked
+            if job.status != Status.QUEUED and job.job_id not in in_arrays and not self._quiet(job, polls, now)
+        ]
+        for start in range(0, len(changing), FOLLOW_BATCH):
+            self._follow_batch(changing[start : start + FOLLOW_BATCH], polls, stats)
         capacity: dict[tuple[str, str], int | None] = {}
         for job in tracked:
-            if job.job_id in in_arrays:
+            if job.job_id in in_arrays or job.status != Status.QUEUED:
                 continue
             try:
-                if job.status == Status.QUEUED:
-                    key = (job.launcher, job.queue)
-                    if key not in capacity:
-                        capacity[key] = self.launchers.get(*key).capacity()
-                    free = capacity[key]
-                    if free is not None and free <= 0:
-                        continue
-                    if self._launch(job.job_id):
-                        stats.launched += 1
-                        if free is not None:
-                            capacity[key] = free - 1
-                elif self._may_change(job, polls):
-                    stats.settled += self._follow(job, polls)
+                key = (job.launcher, job.queue)
+                if key not in capacity:
+                    capacity[key] = self.launchers.get(*key).capacity()
+                free = capacity[key]
+                if free is not None and free <= 0:
+                    continue
+                if self._launch(job.job_id):
+                    stats.launched += 1
+                    if free is not None:
+                        capacity[key] = free - 1
             except Exception as exc:  # one bad job must not stop the others
                 log.exception("%s job %s", job.kind, job.job_id)
                 stats.errors.append(f"{job.kind} {job.job_id}: {exc}")
+        self.ctx.tails.sweep()
         self._sync_mlflow(stats)
         for name in KINDS:
             try:
@@ -191,36 +206,53 @@ class Reconciler:
         return stats
 
     def _tracked(self) -> list[Tracked]:
-        """Active jobs and terminal jobs whose last attempt is still open, oldest first, with that attempt."""
+        """Active jobs and terminal jobs whose last attempt is still open, oldest first, with that attempt:
+        one query, whose cost follows active work (both predicates are index lookups), not finished work."""
+        open_attempts = select(Attempt.job_id).where(Attempt.state.in_(OPEN_ATTEMPTS))
         with self.db.sessions() as session:
-            unfinished = select(Attempt.job_id).where(Attempt.state != "ended")
             rows = session.execute(
-                select(Job.id, Job.kind, Job.status, Job.launcher)
-                .where(or_(Job.status.not_in([s.value for s in TERMINAL]), Job.id.in_(unfinished)))
-                .order_by(Job.created_at)
+                select(
+                    Job.id,
+                    Job.kind,
+                    Job.status,
+                    Job.launcher,
+                    Job.folder,
+                    Job.last_heartbeat_at,
+                    Attempt.state,
+                    Attempt.backend_job_id,
+                    Attempt.host,
+                    Attempt.started_at,
+                )
+                .outerjoin(Attempt, Attempt.job_id == Job.id)
+                .where(or_(Job.status.in_(ACTIVE), Job.id.in_(open_attempts)))
+                .order_by(Job.created_at, Job.id, Attempt.number)
             ).all()
-            attempts: dict[uuid.UUID, list[tuple[str, str | None]]] = {}
-            ids = [row[0] for row in rows]
-            for start in range(0, len(ids), 500):
-                for job_id, state, backend_job_id in session.execute(
-                    select(Attempt.job_id, Attempt.state, Attempt.backend_job_id)
-                    .where(Attempt.job_id.in_(ids[start : start + 500]))
-                    .order_by(Attempt.number)
-                ):
-                    attempts.setdefault(job_id, []).append((state, backend_job_id))
+        by_job: dict[uuid.UUID, list[Any]] = {}
+        for row in rows:
+            by_job.setdefault(row[0], []).append(row)
         tracked = []
-        for job_id, kind, status, launcher in rows:
-            history = attempts.get(job_id, [])
-            if not history:
-                tracked.append(Tracked(job_id, kind, Status(status), launcher))
-                continue
-            state, backend_job_id = history[-1]
-            same = 0
-            for _, earlier in reversed(history[:-1]):
-                if earlier is None or earlier != backend_job_id:
+        for history in by_job.values():
+            job_id, kind, status, launcher, folder, heartbeat_at, state, backend_job_id, host, started_at = history[-1]
+            same = 0  # earlier attempts under the same scheduler id
+            for earlier in reversed(history[:-1]):
+                if earlier[7] is None or earlier[7] != backend_job_id:
                     break
                 same += 1
-            tracked.append(Tracked(job_id, kind, Status(status), launcher, state, backend_job_id, same))
+            tracked.append(
+                Tracked(
+                    job_id,
+                    kind,
+                    Status(status),
+                    launcher,
+                    folder,
+                    heartbeat_at,
+                    state,
+                    backend_job_id,
+                    same if state is not None else 0,
+                    host,
+                    started_at,
+                )
+            )
         return tracked
 
     # ------------------------------------------------------------------ launching
@@ -328,51 +360,81 @@ class Reconciler:
 
     # ------------------------------------------------------------------ following
 
-    @staticmethod
-    def _may_change(job: Tracked, polls: dict[str, JobStatus]) -> bool:
-        """Skip the locking transaction for the common pass where nothing can change: a job still queued by
-        its scheduler, not restarted, for a job already marked submitted or requeued."""
+    def _quiet(self, job: Tracked, polls: dict[str, JobStatus], now: datetime) -> bool:
+        """Nothing can change for this job in this pass, judged from the pass's snapshot without a lock: a job
+        its scheduler still queues, or a healthy running job whose files hold nothing new. Everything else
+        takes the locking transaction, which decides again from the locked rows."""
         if job.attempt_state is None:
+            return True  # nothing submitted yet (a queued job is launched, not followed)
+        poll = polls.get(job.backend_job_id or "")
+        if job.attempt_state == "pending":
+            if poll is None:
+                return False
+            unchanged = poll.state == JobState.PENDING and poll.restarts <= job.restarts_seen
+            return unchanged and job.status in (Status.SUBMITTED, Status.REQUEUED)
+        if job.attempt_state != "running" or job.status != Status.RUNNING:
             return False
-        if job.attempt_state != "pending" or job.backend_job_id not in polls:
-            return True
-        poll = polls[job.backend_job_id]
-        unchanged = poll.state == JobState.PENDING and poll.restarts <= job.restarts_seen
-        return not (unchanged and job.status in (Status.SUBMITTED, Status.REQUEUED))
+        if poll is None:
+            return True  # the scheduler did not answer this pass: nothing to apply
+        if poll.state != JobState.RUNNING or poll.restarts > job.restarts_seen or job.attempt_started_at is None:
+            return False
+        if job.attempt_host is None and poll.host is not None:
+            return False
+        signs = [t for t in (job.heartbeat_at, job.attempt_started_at, poll.started_at) if t is not None]
+        if now - max(signs) > timedelta(seconds=self.settings.heartbeat_timeout_s):
+            return False
+        return not handler(job.kind).has_news(self.ctx, job.folder, job.launcher)
 
-    def _follow(self, tracked: Tracked, polls: dict[str, JobStatus]) -> int:
-        with self.db.transaction() as session:
-            job = get_job(session, Job, tracked.job_id, "job", lock=True)
-            attempt = current_attempt(job)
-            if attempt is None:
-                return 0
-            if attempt.state == "submitting":
-                if Status(job.status).terminal:
-                    close_attempt(attempt, reason="cancelled before its submission completed")
-                    return 0
-                relaunch = True
-            else:  # a requeued job whose previous attempt is settled waits for its next attempt
-                relaunch = Status(job.status) == Status.REQUEUED and attempt.state == "ended"
-        if relaunch:
-            self._launch(tracked.job_id)
+    def _follow_batch(self, batch: list[Tracked], polls: dict[str, JobStatus], stats: PassStats) -> None:
+        """Apply the scheduler's word to a batch of jobs in one transaction: their rows locked together
+        (PostgreSQL skips rows another transaction holds, e.g. a report being applied: they come back next
+        pass; SQLite's writer lock covers the batch), one savepoint per job so one bad job fails alone."""
+        relaunch = [
+            job.job_id
+            for job in batch
+            if (job.attempt_state == "submitting" and not job.status.terminal)
+            or (job.status == Status.REQUEUED and job.attempt_state == "ended")
+        ]
+        followed = {job.job_id: job for job in batch if job.job_id not in relaunch}
+        requeued: list[uuid.UUID] = []
+        if followed:
+            with self.db.transaction() as session:
+                for job in lock_jobs(session, list(followed)):
+                    tracked = followed[job.id]
+                    try:
+                        with session.begin_nested():
+                            stats.settled += self._follow(session, job, tracked, polls)
+                    except JobFileError as exc:  # a malicious or corrupt file fails this job, and only this job
+                        with session.begin_nested():
+                            self._untrusted(session, job, polls.get(tracked.backend_job_id or ""), tracked, exc)
+                        stats.settled += 1
+                    except Exception as exc:  # one bad job must not stop the others
+                        log.exception("%s job %s", tracked.kind, tracked.job_id)
+                        stats.errors.append(f"{tracked.kind} {tracked.job_id}: {exc}")
+                        continue
+                    if Status(job.status) == Status.REQUEUED:
+                        requeued.append(job.id)
+        for job_id in [*relaunch, *requeued]:
+            try:
+                self._launch(job_id)
+            except Exception as exc:
+                log.exception("relaunch of job %s", job_id)
+                stats.errors.append(f"relaunch of {job_id}: {exc}")
+
+    def _follow(self, session: Session, job: Job, tracked: Tracked, polls: dict[str, JobStatus]) -> int:
+        """One job of a batch, its row locked; 1 if its attempt was settled."""
+        attempt = current_attempt(job)
+        if attempt is None:
             return 0
+        if attempt.state == "submitting":
+            if Status(job.status).terminal:
+                close_attempt(attempt, reason="cancelled before its submission completed")
+            return 0  # otherwise launched again below the batch
         poll = polls.get(attempt.backend_job_id or "")
         if poll is None:
             return 0
         launcher = self.launchers.get(tracked.launcher, tracked.queue)
-        with self.db.transaction() as session:
-            job = get_job(session, Job, tracked.job_id, "job", lock=True)
-            attempt = current_attempt(job)
-            assert attempt is not None
-            try:
-                settled = self._apply_poll(session, job, attempt, poll, tracked, launcher)
-            except JobFileError as exc:  # a malicious or corrupt file fails this job, and only this job
-                self._untrusted(session, job, poll, launcher, exc)
-                return 1
-            requeued = Status(job.status) == Status.REQUEUED
-        if requeued:
-            self._launch(tracked.job_id)
-        return settled
+        return self._apply_poll(session, job, attempt, poll, tracked, launcher)
 
     def _apply_poll(
         self, session: Session, job: Job, attempt: Attempt, poll: JobStatus, tracked: Tracked, launcher: Launcher
@@ -405,11 +467,13 @@ class Reconciler:
         self._settle(session, job, attempt, poll)  # the scheduler job ended: the result file decides
         return 1
 
-    def _untrusted(self, session: Session, job: Job, poll: JobStatus, launcher: Launcher, exc: JobFileError) -> None:
+    def _untrusted(
+        self, session: Session, job: Job, poll: JobStatus | None, tracked: Tracked, exc: JobFileError
+    ) -> None:
         """Fail a job whose files cannot be trusted; stop its scheduler job first if it still runs."""
         attempt = current_attempt(job)
-        if attempt is not None and not poll.state.ended:
-            launcher.cancel(str(attempt.backend_job_id))
+        if attempt is not None and (poll is None or not poll.state.ended):
+            self.launchers.get(tracked.launcher, tracked.queue).cancel(str(attempt.backend_job_id))
         elif attempt is not None:
             close_attempt(attempt, poll, reason=f"untrusted job file: {exc}")
         if not Status(job.status).terminal:

@@ -7,6 +7,7 @@ writes (run, event, idempotency record) commit together or not at all.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from orchestrator.experiments import get_or_create_experiment
 from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
 from orchestrator.jobs.kinds import Context, KindDefaults
 from orchestrator.jobs.records import get_job, record_event
-from orchestrator.jobs.train import train_dir
+from orchestrator.jobs.train import TRAIN_DIR, train_dir
 from orchestrator.launchers import LAUNCHERS
 from orchestrator.launchers.base import Resources
 from orchestrator.lifecycle import RUN, Status
@@ -216,21 +217,44 @@ def verified_checkpoint(run: Run, path: str, sha256: str) -> Path | None:
     return found if sha256_file(found) == sha256 else None
 
 
-def ingest_checkpoints(session: Session, settings: Settings, run: Run, attempt: int, actor: str) -> None:
-    """Checkpoints the trainer logged (catches up on reports lost while the service was down): the latest
-    entry per file, recorded when the file still holds what the log says."""
+#: What the service acts on in the trainer's log.jsonl; every other line (metrics) is passed over.
+LOG_EVENTS = ('"checkpoint"', '"collapse"')
+
+
+def train_log(folder: str) -> str:
+    """The trainer's log.jsonl in a job folder, as a plain string: built for every running job on every pass."""
+    return os.path.join(folder, TRAIN_DIR, "log.jsonl")  # noqa: PTH118 (no Path per job per pass)
+
+
+def log_lines(run: Run) -> list[str]:
+    """Every line of the trainer's log.jsonl (a job's final settling reads it whole, to catch up)."""
     log_file = Path(run.output_dir) / "log.jsonl"
-    if not log_file.exists():
-        return
-    latest: dict[str, dict[str, Any]] = {}
-    for line in log_file.read_text(errors="replace").splitlines():
-        if '"checkpoint"' not in line:
+    return log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+
+
+def log_events(lines: list[str], name: str) -> list[dict[str, Any]]:
+    """The `event: name` records among log lines; a line being written right now is no record yet."""
+    found = []
+    for line in lines:
+        if f'"{name}"' not in line:
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a line being written right now
-        if isinstance(record, dict) and record.get("event") == "checkpoint" and isinstance(record.get("path"), str):
+            continue
+        if isinstance(record, dict) and record.get("event") == name:
+            found.append(record)
+    return found
+
+
+def ingest_checkpoints(
+    session: Session, settings: Settings, run: Run, attempt: int, actor: str, lines: list[str]
+) -> None:
+    """Checkpoints the trainer logged (catches up on reports lost while the service was down): the latest
+    entry per file, recorded when the file still holds what the log says."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in log_events(lines, "checkpoint"):
+        if isinstance(record.get("path"), str):
             latest[record["path"]] = record
     known = {(c.path, c.sha256) for c in run.checkpoints}
     for path, record in latest.items():
@@ -266,22 +290,11 @@ class CollapseEntry(BaseModel):
     reason: Reason
 
 
-def ingest_collapse(session: Session, run: Run, actor: str) -> None:
+def ingest_collapse(session: Session, run: Run, actor: str, lines: list[str]) -> None:
     """The trainer found the run collapsed: an event of the run and `progress.collapsed` (REST shows it)."""
     if run.progress.get("collapsed"):
         return
-    log_file = Path(run.output_dir) / "log.jsonl"
-    if not log_file.exists():
-        return
-    for line in log_file.read_text(errors="replace").splitlines():
-        if '"collapse"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or record.get("event") != "collapse":
-            continue
+    for record in log_events(lines, "collapse"):
         try:
             entry = CollapseEntry.model_validate(record)
         except ValidationError as exc:
@@ -328,14 +341,23 @@ class TrainKind(KindDefaults):
         """Tags beyond the run's own (a sweep's trials add theirs and their parent run)."""
         return {}
 
+    def has_news(self, ctx: Context, folder: str, launcher: str) -> bool:
+        tail = ctx.tails.read(train_log(folder))
+        if tail.any(*LOG_EVENTS):
+            return True
+        ctx.tails.advance(tail)  # metrics lines only: nothing for the service to do
+        return False
+
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         assert isinstance(job, Run)
-        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
-        ingest_collapse(session, job, "reconciler")
+        tail = ctx.tails.read(train_log(job.folder))
+        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler", tail.lines)
+        ingest_collapse(session, job, "reconciler", tail.lines)
+        ctx.tails.advance_on_commit(session, tail)
 
     def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
         assert isinstance(job, Run)
-        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler")
+        ingest_checkpoints(session, ctx.settings, job, attempt, "reconciler", log_lines(job))
         final = confined(Path(job.folder), result.checkpoint or Path(job.output_dir) / LATEST)
         if not final.exists():
             return False, "job reported completion but its final checkpoint is missing"

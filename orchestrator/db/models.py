@@ -211,7 +211,10 @@ class Attempt(Base):
     """One submission of a job to a scheduler; a requeue or retry is a new attempt."""
 
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("job_id", "number"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "number"),
+        Index("ix_attempts_state", "state", "job_id"),  # the reconciler's open attempts, whatever the history
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)

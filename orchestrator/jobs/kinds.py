@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from orchestrator.jobs.files import JobFile, JobResult, job_token
+from orchestrator.jobs.tails import LogTails
 from orchestrator.launchers.base import JobSpec, Resources
 from orchestrator.lifecycle import Lifecycle
 
@@ -57,6 +58,7 @@ class Context:
 
     settings: Settings
     mlflow: MlflowBridge | None
+    tails: LogTails = field(default_factory=LogTails)  # what the running hooks have read of job logs
 
     def job_file(
         self, job: Job, payload: dict[str, Any], mlflow_experiment_id: str | None, mlflow_run_id: str | None
@@ -99,8 +101,15 @@ class JobKind(Protocol):
         """Once per reconciler pass, after the jobs (a sweep closes and reports itself); returns errors."""
         ...
 
+    def has_news(self, ctx: Context, folder: str, launcher: str) -> bool:
+        """Whether the files `running` reads hold anything it has not acted on (read without a lock, outside
+        any transaction). While this is False and the scheduler's word is unchanged, the reconciler skips the
+        job's locking transaction, so a pass costs little per healthy running job."""
+        ...
+
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
-        """Called on every pass while the job runs (e.g. record checkpoints from the job's own log)."""
+        """Called while the job runs, on passes where `has_news` or the scheduler's word says something
+        changed (e.g. record checkpoints from the job's own log)."""
         ...
 
     def completed(self, ctx: Context, session: Session, job: Job, attempt: int, result: JobResult) -> tuple[bool, str]:
@@ -131,6 +140,9 @@ class KindDefaults:
 
     def housekeeping(self, ctx: Context, db: Database) -> list[str]:
         return []
+
+    def has_news(self, ctx: Context, folder: str, launcher: str) -> bool:
+        return False
 
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         return None

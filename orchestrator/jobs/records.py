@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, with_polymorphic
 
 from orchestrator.db.models import Attempt, Event, Job, utcnow
 from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError, ReportRefusedError
@@ -40,6 +40,23 @@ def get_job(session: Session, model: type[J], ident: str | uuid.UUID, what: str,
     if found is None:
         raise NotFoundError(f"no {what} {ident!r}")
     return found
+
+
+def lock_jobs(session: Session, ids: list[uuid.UUID]) -> list[Job]:
+    """Jobs of any kind, attempts loaded, their rows locked together for the transaction, oldest first.
+    PostgreSQL skips the rows another transaction holds (SKIP LOCKED) instead of waiting for them; on SQLite
+    the writer lock the transaction took at BEGIN covers them all."""
+    if not ids:
+        return []
+    every_kind = with_polymorphic(Job, "*")
+    query = (
+        select(every_kind)
+        .where(every_kind.id.in_(ids))
+        .options(selectinload(every_kind.attempts))
+        .order_by(every_kind.created_at, every_kind.id)
+        .with_for_update(of=Job.__table__, skip_locked=True)
+    )
+    return list(session.scalars(query))
 
 
 def record_event(

@@ -19,7 +19,7 @@ from orchestrator.jobs.records import cancel, transition
 from orchestrator.launchers.tune import close_mailbox
 from orchestrator.lifecycle import Status
 from orchestrator.runs import TrainKind
-from orchestrator.sweeps.search import read_search_metrics, search_of
+from orchestrator.sweeps.search import read_search_metrics, search_metrics_file, search_of
 from orchestrator.sweeps.service import (
     ACTIVE,
     CANCELLED,
@@ -70,11 +70,16 @@ class TrialKind(TrainKind):
         resources = json.dumps(job.resources, sort_keys=True)
         return f"{sweep.id}:{resources}", max(1, spec.max_concurrent - _running(session, sweep))
 
+    def has_news(self, ctx: Context, folder: str, launcher: str) -> bool:
+        news = super().has_news(ctx, folder, launcher)
+        return (launcher == "tune" and ctx.tails.changed(search_metrics_file(Path(folder)))) or news
+
     def running(self, ctx: Context, session: Session, job: Job, attempt: int) -> None:
         super().running(ctx, session, job, attempt)
         if job.launcher == "tune":
             assert isinstance(job, Trial)
             history = read_search_metrics(Path(job.folder))
+            ctx.tails.seen_on_commit(session, search_metrics_file(Path(job.folder)))
             if history:
                 job.progress = {**job.progress, "search": {"history": history, "epoch": history[-1][0]}}
 

@@ -86,9 +86,14 @@ def validate_space(spec: SweepSpec) -> None:
                 raise InvalidInputError(f"search.space.{key}: {exc.detail}", field=f"search.space.{key}") from exc
 
 
+def search_metrics_file(folder: Path) -> Path:
+    """Where a trial's trainable records its objective per epoch."""
+    return folder / MAILBOX / METRICS_FILE
+
+
 def read_search_metrics(folder: Path, limit: int = 100_000) -> list[tuple[int, float]]:
     """(epoch, objective) a trial's trainable recorded, strictly parsed (the file is the job's, not ours)."""
-    path = folder / MAILBOX / METRICS_FILE
+    path = search_metrics_file(folder)
     try:
         if path.stat().st_size > 4 << 20:
             raise JobFileError(f"{path.name} is larger than 4 MiB")
