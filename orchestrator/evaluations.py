@@ -96,7 +96,7 @@ def request(
         actor,
         f"{spec.benchmark} on epoch {checkpoint.epoch} ({trigger})",
         dedup_key=dedup_key(checkpoint.sha256, spec.benchmark, version, cfg_hash, dataset),
-        launcher=spec.launcher or settings.default_launcher,
+        launcher=spec.launcher or settings.eval_launcher or settings.default_launcher,
         resources=spec.resources.model_dump(mode="json"),
         benchmark=spec.benchmark,
         benchmark_version=version,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sys
 from functools import cached_property
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, computed_field, field_validator
+from pydantic import Field, ValidationInfo, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,9 +54,20 @@ class Settings(BaseSettings):
     read_tokens: str = Field("", description="name:token pairs with read-only access.")
     python: str = Field(sys.executable, description="Python interpreter that runs jobs (this venv by default).")
     default_launcher: str = Field("local", description="Launcher for runs that name none.")
+    eval_launcher: str | None = Field(
+        None,
+        description="Launcher for evaluations whose policy names none (e.g. 'local' on a GPU worker beside a "
+        "SLURM-trained fleet); None: the default launcher.",
+    )
     local_max_concurrent: int = Field(1, ge=1, description="Local launcher: jobs running at once.")
     local_eval_max_concurrent: int = Field(1, ge=1, description="Local launcher: evaluations running at once.")
     slurm_partition: str | None = Field(None, description="Default SLURM partition.")
+    slurm_export_env: str = Field(
+        "",
+        description="Environment variables SLURM jobs inherit from the service beyond PATH, HOME, USER, LANG, "
+        "TZ, TMPDIR, LD_LIBRARY_PATH and CUDA_HOME (comma-separated names, e.g. NCCL_SOCKET_IFNAME); the "
+        "service's own ORCH_* settings never go to jobs.",
+    )
     ray_address: str | None = Field(None, description="Ray cluster address (http://host:8265); None = start one.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="Reconciler poll period.")
     heartbeat_timeout_s: float = Field(600.0, gt=0, description="A running job silent this long is lost.")
@@ -83,6 +95,33 @@ class Settings(BaseSettings):
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ValueError(f"{value!r}: no credentials, query or fragment (jobs append paths to it)")
         return value.rstrip("/")
+
+    @field_validator("default_launcher", "eval_launcher")
+    @classmethod
+    def _known_launcher(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A typo here would only surface when the first job fails to launch: refuse it at start-up."""
+        from orchestrator.launchers import LAUNCHERS  # the launcher table imports these settings
+
+        if value == "" and info.field_name == "eval_launcher":
+            return None  # compose passes an unset variable as empty
+        if value is not None and value not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {value!r}; choose from {', '.join(LAUNCHERS)}")
+        return value
+
+    @field_validator("slurm_export_env")
+    @classmethod
+    def _variable_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name.upper().startswith("ORCH_"):
+                raise ValueError(f"{name}: the service's settings (and secrets) are not passed to jobs")
+        return ",".join(names)
+
+    @property
+    def slurm_export_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.slurm_export_env.split(",") if n)
 
     @field_validator("slurm_python")
     @classmethod

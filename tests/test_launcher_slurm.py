@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from orchestrator.launchers import slurm as slurm_module
 from orchestrator.launchers.base import JobSpec, JobState, JobStatus, LauncherError, Resources
 from orchestrator.launchers.slurm import SlurmLauncher, status_from_sacct
+from orchestrator.settings import Settings
 from tests.launcher_support import (
     ITERS_PER_EPOCH,
     SMALL,
@@ -357,3 +358,23 @@ def test_a_timeout_past_submitits_budget_ends_preempted_not_failed(tmp_path: Pat
     assert status.state == JobState.PREEMPTED and status.exit_code == 75 and status.restarts == 0, status
     log = launcher.logs(job_id)
     assert "checkpointed" in log and "timed-out too many times" in log
+
+
+def test_jobs_inherit_what_they_need_and_never_the_services_secrets(
+    tmp_path: Path, launcher: SlurmLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_SECRET_KEY", "canary-secret")  # what the service's own environment holds
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql://orch:canary@db/orch")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("TZ", "UTC")
+    wider = SlurmLauncher(tmp_path / "wider", export_env=("NCCL_SOCKET_IFNAME",))
+    code = "import os; print(sorted(k for k in os.environ if k.startswith(('ORCH_', 'NCCL_', 'TZ'))))"
+    specs = [job_spec(tmp_path / name, py(code)) for name in ("plain", "wider")]
+    ids = [launcher.submit(specs[0]), wider.submit(specs[1])]
+    for job_id in ids:
+        wait_for(lambda job_id=job_id: ended(launcher, job_id), 120, "the job to end")
+    # ORCH_RUN_ID is the job's own (the worker sets it), not inherited
+    assert "['ORCH_RUN_ID', 'TZ']" in launcher.logs(ids[0]) and "canary" not in launcher.logs(ids[0])
+    assert "['NCCL_SOCKET_IFNAME', 'ORCH_RUN_ID', 'TZ']" in wider.logs(ids[1])
+    with pytest.raises(ValidationError, match="not passed to jobs"):
+        Settings(slurm_export_env="PATH,ORCH_SECRET_KEY")

@@ -415,3 +415,14 @@ def test_files_a_job_leaves_cannot_point_outside_its_folder_or_break_the_pass(h:
     assert h.job(healthy).status == "running"
     with h.db.sessions() as session:
         assert session.scalars(select(Checkpoint)).all() == []
+
+
+def test_evaluations_that_name_no_launcher_go_to_the_eval_launcher(tmp_path: Path) -> None:
+    h = Harness(tmp_path, eval_launcher="slurm")  # runs stay on the default launcher (local)
+    try:
+        run_id, checkpoint_id = _checkpointed_run(h)
+        implicit, _ = _evaluate(h, run_id, checkpoint_id)
+        explicit, _ = _evaluate(h, run_id, checkpoint_id, launcher="local", config="full")
+        assert (h.job(run_id).launcher, h.job(implicit).launcher, h.job(explicit).launcher) == ("local", "slurm", "local")
+    finally:
+        h.db.dispose()

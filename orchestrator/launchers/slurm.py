@@ -237,6 +237,22 @@ def _truthy(value: str) -> bool | None:
     return None
 
 
+#: What a job inherits from the service's environment (sbatch --export): what a process needs to run, never
+#: the service's secrets (ORCH_SECRET_KEY, the database URL, tokens), which sbatch would otherwise pass on.
+JOB_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME")
+
+
+#: Set by submitit's batch script for its srun step: sbatch's --export list becomes srun's (SLURM_EXPORT_ENV),
+#: so it must name them although the service has not set them.
+SUBMITIT_ENVIRONMENT = ("SUBMITIT_EXECUTOR", "SUBMITIT_PREEMPT_SIGNAL")
+
+
+def job_environment(extra: tuple[str, ...] = ()) -> str:
+    """The --export value: the listed variables the service has set, and submitit's (SLURM adds SLURM_*)."""
+    names = [name for name in dict.fromkeys((*JOB_ENVIRONMENT, *extra)) if name in os.environ]
+    return ",".join([*names, *SUBMITIT_ENVIRONMENT])
+
+
 class SlurmLauncher:
     name = "slurm"
 
@@ -247,8 +263,10 @@ class SlurmLauncher:
         python: str | None = None,
         max_num_timeout: int = 3,
         job_python: str | None = None,
+        export_env: tuple[str, ...] = (),
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.export_env = export_env  # variables jobs inherit beyond JOB_ENVIRONMENT
         self.default_partition = default_partition
         self.python = job_python or python or sys.executable
         self.max_num_timeout = max_num_timeout
@@ -274,7 +292,12 @@ class SlurmLauncher:
             raise LauncherError(f"sbatch options not allowed: {', '.join(refused)}")
         sig, delay = parse_signal(extra)
         extra.pop("signal", None)
-        additional: dict[str, Any] = {"signal": f"{sig}@{delay}", "chdir": str(spec.workdir), "requeue": True}
+        additional: dict[str, Any] = {
+            "signal": f"{sig}@{delay}",
+            "chdir": str(spec.workdir),
+            "requeue": True,
+            "export": job_environment(self.export_env),
+        }
         params: dict[str, Any] = {
             "job_name": spec.key,
             "time": res.time_min,
@@ -576,4 +599,5 @@ def from_settings(settings: Settings, queue: str) -> SlurmLauncher:
         default_partition=settings.slurm_partition,
         python=settings.python,
         job_python=settings.slurm_python,
+        export_env=settings.slurm_export_names,
     )
