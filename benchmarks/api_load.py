@@ -1,4 +1,5 @@
-"""REST API load and reconciler cost, SQLite vs PostgreSQL measured in the same run.
+"""REST API load, SQLite vs PostgreSQL measured in the same run (the reconciler's cost at scale is
+`benchmarks/reconciler_scale.py`).
 
 * `POST /api/v1/runs` (dry-run launcher) and `GET /api/v1/runs` with 50 concurrent clients against a real
   `orchestrator serve` process: requests/s, p50 and p99 latency.
@@ -6,10 +7,8 @@
   counted from each request's scheduled arrival, so queueing shows in the tail.
 * MLflow's own `runs/create` on PostgreSQL (its server, one worker): the baseline. Not on SQLite: MLflow's
   server there stalled for minutes under 50 concurrent creates.
-* One reconciler pass over 1,000 active runs whose jobs a fake scheduler holds queued or running:
-  seconds per pass.
 
-    python benchmarks/api_load.py [--requests 1000] [--clients 50] [--rate 100] [--no-mlflow] [--active 1000]
+    python benchmarks/api_load.py [--requests 1000] [--clients 50] [--rate 100] [--no-mlflow]
 """
 
 from __future__ import annotations
@@ -32,15 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.db.migrate import upgrade  # noqa: E402
-from orchestrator.db.models import Attempt, Experiment, Run, utcnow  # noqa: E402
-from orchestrator.db.session import Database  # noqa: E402
-from orchestrator.jobs.fake import FakeJob, FakeLauncher  # noqa: E402
-from orchestrator.jobs.kinds import job_spec  # noqa: E402
-from orchestrator.launchers import Launchers  # noqa: E402
-from orchestrator.launchers.base import JobState, JobStatus  # noqa: E402
-from orchestrator.lifecycle import Status  # noqa: E402
-from orchestrator.reconciler import Reconciler  # noqa: E402
-from orchestrator.settings import Settings  # noqa: E402
 
 TOKEN = "bench-admin-token"
 BODY = {"experiment": "bench", "preset": "tiny_cpu", "overrides": ["optim.epochs=1"], "launcher": "dryrun"}
@@ -182,54 +172,6 @@ def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, started(proc, f"http://127.0.0.1:{port}", "/readyz", 60, f"service on {db_url}")
 
 
-def seed_active_runs(db_url: str, home: Path, count: int, status: Status, fake: FakeLauncher) -> None:
-    """`count` runs with one attempt each, their jobs held by `fake` (queued, or running when `status` is)."""
-    db = Database(db_url)
-    running = status == Status.RUNNING
-    with db.transaction() as session:
-        experiment = Experiment(name=f"reconcile-bench-{status}", description="", eval_policy={})
-        session.add(experiment)
-        session.flush()
-        for i in range(count):
-            run_id = uuid.uuid4()
-            folder = home / "runs" / str(run_id)
-            run = Run(
-                id=run_id,
-                experiment_id=experiment.id,
-                name=f"r{i}",
-                method="selfpatch",
-                config={},
-                config_hash="0" * 64,
-                launcher="local",
-                resources={},
-                status=status.value,
-                folder=str(folder),
-                output_dir=str(folder / "train"),
-                progress={},
-                last_heartbeat_at=utcnow(),
-            )
-            session.add(run)
-            backend_job_id = f"bench-{status}-{i}"
-            session.add(
-                Attempt(
-                    job_id=run_id,
-                    number=1,
-                    backend="local",
-                    backend_job_id=backend_job_id,
-                    state="running" if running else "pending",
-                    started_at=utcnow() if running else None,
-                )
-            )
-            spec = job_spec(str(run_id), "train", folder, {}, 1, sys.executable)
-            state = (
-                JobStatus(JobState.RUNNING, host="bench", started_at=utcnow())
-                if running
-                else JobStatus(JobState.PENDING)
-            )
-            fake.jobs[backend_job_id] = FakeJob(spec, state)
-    db.dispose()
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
@@ -278,31 +220,10 @@ def row(backend: str, what: str, rps: float, latencies: list[float], errors: int
     }
 
 
-def bench_reconciler(name: str, db_url: str, args: argparse.Namespace, status: Status) -> dict[str, object]:
-    """One reconciler pass over `args.active` active runs: jobs still queued (steady state, nothing can
-    change) or all running (each run is locked, checked for heartbeats and new checkpoints)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        upgrade(db_url)
-        fake = FakeLauncher()
-        seed_active_runs(db_url, home, args.active, status, fake)
-        settings = Settings(home=home, database_url=db_url, mlflow_tracking_uri=f"sqlite:///{home / 'm.db'}")
-        db = Database(db_url)
-        reconciler = Reconciler(settings, db, Launchers(settings, fixed={"local": fake}))
-        passes = []
-        for _ in range(3):
-            stats = reconciler.reconcile_once()
-            passes.append(stats.seconds)
-        db.dispose()
-    what = f"reconcile pass, {stats.jobs} {'running' if status == Status.RUNNING else 'queued-job'} runs"
-    return {"backend": name, "what": what, "seconds": min(passes), "errors": len(stats.errors)}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--active", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0, help="Open loop: arrivals per second.")
     parser.add_argument("--duration", type=float, default=10.0, help="Open loop: seconds of arrivals.")
     parser.add_argument(
@@ -316,8 +237,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # no MLflow row on SQLite: its server (one worker) stalled for minutes under 50 concurrent creates here
         rows += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args, None)
-        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile.db", args, Status.SUBMITTED))
-        rows.append(bench_reconciler("sqlite", f"sqlite:///{tmp}/reconcile2.db", args, Status.RUNNING))
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     created: list[str] = []
 
@@ -330,8 +249,6 @@ def main() -> int:
 
     try:
         rows += bench_backend("postgresql", fresh("load"), args, fresh("mlflow") if args.mlflow else None)
-        rows.append(bench_reconciler("postgresql", fresh("reconcile"), args, Status.SUBMITTED))
-        rows.append(bench_reconciler("postgresql", fresh("reconcile_running"), args, Status.RUNNING))
     finally:
         with admin.connect() as conn:
             for name in created:
@@ -358,11 +275,6 @@ def main() -> int:
         sq = next(r for r in rows if r["backend"] == "sqlite" and r["what"] == what)
         pg = next(r for r in rows if r["backend"] == "postgresql" and r["what"] == what)
         print(f"{what}: PostgreSQL/SQLite throughput ratio {float(pg['rps']) / float(sq['rps']):.2f}x")  # type: ignore[arg-type]
-    for kind in ("queued-job", "running"):
-        sq_pass = next(r for r in rows if r["backend"] == "sqlite" and kind in str(r["what"]))
-        pg_pass = next(r for r in rows if r["backend"] == "postgresql" and kind in str(r["what"]))
-        ratio = float(pg_pass["seconds"]) / float(sq_pass["seconds"])  # type: ignore[arg-type]
-        print(f"reconcile pass ({kind} runs): PostgreSQL/SQLite time ratio {ratio:.2f}x")
     return 0
 
 
