@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainer.presets import ConfigError, override_model, validate_model
 
@@ -89,9 +89,46 @@ class KnnConfig(ProbeConfig):
     temperature: float = Field(0.07, gt=0, description="Vote weight exp(sim / T).")
 
 
+class LbfgsConfig(_Config):
+    """Full-batch L-BFGS logistic regression on cached features (the CLIP / DINOv2-v3 protocol).
+
+    The L2 strength is the one with the best top-1 on a seeded held-out part of the training features (never
+    the test set); the probe is then refit on all training features with it. Objective: mean cross-entropy
+    + l2 / 2 * ||W||^2 (bias not penalised), i.e. scikit-learn's C = 1 / (l2 * n_train).
+    """
+
+    l2_grid: tuple[float, ...] = Field(
+        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+        min_length=1,
+        description="L2 strengths tried on the held-out split (log-spaced; sklearn C = 1 / (l2 * n_train)).",
+    )
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the training features held out.")
+    max_iter: int = Field(100, ge=1, description="L-BFGS iterations per fit (scikit-learn's default 100).")
+    tolerance_grad: float = Field(1e-5, gt=0, description="Stop a fit when every gradient entry is below this.")
+    history_size: int = Field(10, ge=1, description="L-BFGS memory (curvature pairs; scipy's default 10).")
+    standardize: bool = Field(
+        True,
+        description="Standardise each feature channel with the fitting set's statistics (folded into the "
+        "classifier, so the penalty is scale-free across backbones).",
+    )
+
+    @field_validator("l2_grid")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not v > 0 for v in value):
+            raise ValueError(f"every l2 strength must be > 0, got {list(value)}")
+        return value
+
+
 class LinearConfig(ProbeConfig):
     """DINO's linear protocol (defaults: ViT-S on ImageNet, 100 epochs, batch 1024 = 8 GPUs x 128)."""
 
+    protocol: Literal["sgd", "lbfgs"] = Field(
+        "sgd",
+        description="sgd = DINO's probe (the papers' protocol); lbfgs = full-batch L-BFGS logistic regression "
+        "on cached features with the L2 strength chosen on a held-out split (`lbfgs.*`).",
+    )
+    lbfgs: LbfgsConfig = Field(default_factory=lambda: LbfgsConfig(), description="Settings of protocol=lbfgs.")
     cls_last_blocks: int = Field(4, ge=1, description="DINO's n_last_blocks for ViT-S when the feature is [CLS].")
     epochs: int = Field(100, ge=1)
     train_batch_size: int = Field(1024, ge=1, description="Probe batch; lr = base_lr * batch / 256.")
@@ -104,6 +141,12 @@ class LinearConfig(ProbeConfig):
         "centre-crop features (fast).",
     )
     eval_every: int = Field(1, ge=1, description="Score the test split every N epochs (top1_best).")
+
+    @model_validator(mode="after")
+    def _lbfgs_reads_the_cache(self) -> LinearConfig:
+        if self.protocol == "lbfgs" and self.train_augment:
+            raise ValueError("protocol=lbfgs fits cached centre-crop features: set train_augment=false")
+        return self
 
 
 # ------------------------------------------------------------------------------ dense tasks (det, seg)
@@ -360,8 +403,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     ),
     "linear": BenchmarkSpec(
         name="linear",
-        version="1",
-        description="linear probe on frozen features (DINO: SGD, cosine lr, 100 epochs, last-4 [CLS] for ViT-S)",
+        version="2",  # 2: `protocol` (sgd | lbfgs); an lbfgs result reports its chosen l2 instead of top1_best
+        description="linear probe on frozen features (DINO: SGD, cosine lr, 100 epochs, last-4 [CLS] for ViT-S; "
+        "or protocol=lbfgs: L-BFGS logistic regression, L2 chosen on held-out train features)",
         config_type=LinearConfig,
         presets={
             "tiny": LinearConfig(**_TINY_PROBE, epochs=100, train_batch_size=256, base_lr=0.1, train_augment=False),
@@ -484,6 +528,7 @@ __all__ = [
     "ImageTransform",
     "KnnConfig",
     "KnnSegConfig",
+    "LbfgsConfig",
     "LinearConfig",
     "PatchProbeConfig",
     "ProbeConfig",
