@@ -82,6 +82,7 @@ def _old_aggregation(
 def _assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, name: str = "", floor: float = 1e-6) -> None:
     """Max error within 1e-6 of the tensor's largest entry: sums over a different split of the same rows
     (two LayerNorm calls instead of one) round differently in their last bits, entry by entry."""
+    got, expected = got.detach(), expected.detach()
     error = float((got - expected).abs().max())
     assert error <= 1e-6 * float(expected.abs().max()) + floor, (name, error)
 
@@ -189,11 +190,15 @@ def test_aggregation_head_equals_the_earlier_forward_with_gradients(border: str,
     expected_grads = _grads(list(expected), params, weights)
     got = head(x, grid, match=match)
     got_grads = _grads(list(got), params, weights)
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
+    for g, e in zip(got, expected, strict=True):  # the positives' attention is written out: float rounding
+        _assert_close_to_scale(g, e, "output", floor=1e-7)
     for name, g_grad, e_grad in zip(["x", *dict(head.named_parameters())], got_grads, expected_grads, strict=True):
         assert (g_grad is None) == (e_grad is None), name
-        if g_grad is not None and e_grad is not None:
+        if g_grad is None or e_grad is None:
+            continue
+        if name.endswith("attn.k.bias"):  # softmax ignores a shift shared by all keys: zero up to rounding
+            assert float(g_grad.abs().max()) < 1e-5 and float(e_grad.abs().max()) < 1e-5
+        else:
             _assert_close_to_scale(g_grad, e_grad, name)
 
 

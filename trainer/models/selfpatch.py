@@ -117,6 +117,24 @@ class ClassAttention(nn.Module):
         projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(batch, 1, dim))
         return projected
 
+    def few_keys(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward` for a handful of keys per query (a patch's k positives and itself), as elementwise
+        products and a softmax over the keys: at T = k + 1 a fused attention kernel spends its time on
+        per-(row, head) set-up. The same mathematics (and the official code's), to float rounding."""
+        rows, tokens, dim = keys.shape
+        heads = self.num_heads
+        width = dim // heads
+        q = query.reshape(rows, 1, heads, width) * width**-0.5
+        scores = (keys.view(rows, tokens, heads, width) * q).sum(dim=-1)  # (R, T, heads)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.view(rows, tokens, 1), float("-inf"))
+        weights = scores.softmax(dim=1)
+        out = (weights.unsqueeze(-1) * values.view(rows, tokens, heads, width)).sum(dim=1)
+        projected: torch.Tensor = self.proj(out.reshape(rows, 1, dim))
+        return projected
+
 
 class ClassAttentionBlock(nn.Module):
     """y <- y + CA(LN1([y; X])); y <- y + MLP(LN2(y)). X is read, never updated; no LayerScale.
@@ -144,11 +162,17 @@ class ClassAttentionBlock(nn.Module):
         return self.attn.q(u_y), self.attn.k(u_y), self.attn.v(u_y), shared
 
     def _update(
-        self, y: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None
+        self,
+        y: torch.Tensor,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        few: bool = False,
     ) -> torch.Tensor:
         if key_mask is not None:  # the query token always attends to itself
             key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)
-        y = y + self.attn(q, keys, values, key_mask)
+        y = y + (self.attn.few_keys if few else self.attn)(q, keys, values, key_mask)
         updated: torch.Tensor = y + self.mlp(self.norm2(y))
         return updated
 
@@ -174,7 +198,8 @@ class ClassAttentionBlock(nn.Module):
         """`attend` for queries y (R, 1, C) that read the tokens `rows` (R, T) of keys/values (P, C).
 
         Same values as gathering keys[rows] and prepending each query's own key, but with one gather
-        straight into the (R, 1 + T, C) attention input instead of a gather and then a concatenation.
+        straight into the (R, 1 + T, C) attention input instead of a gather and then a concatenation, and
+        the attention over these few keys written out (`ClassAttention.few_keys`).
         """
         q, k_y, v_y, shared = self._query(y)
         n_rows, dim = y.shape[0], y.shape[-1]
@@ -182,9 +207,11 @@ class ClassAttentionBlock(nn.Module):
         if not shared:
             own = torch.arange(n_rows, dtype=rows.dtype, device=rows.device).view(-1, 1)
         take = torch.cat([own, rows + k_y.shape[0]], dim=1).view(-1)
-        gathered_keys = torch.cat([k_y.reshape(-1, dim), keys])[take].view(n_rows, -1, dim)
-        gathered_values = torch.cat([v_y.reshape(-1, dim), values])[take].view(n_rows, -1, dim)
-        return self._update(y, q.expand(n_rows, -1, -1) if shared else q, gathered_keys, gathered_values, key_mask)
+        # index_select copies whole rows; advanced indexing (t[take]) is an order of magnitude slower on CPU
+        gathered_keys = torch.cat([k_y.reshape(-1, dim), keys]).index_select(0, take).view(n_rows, -1, dim)
+        gathered_values = torch.cat([v_y.reshape(-1, dim), values]).index_select(0, take).view(n_rows, -1, dim)
+        query = q.expand(n_rows, -1, -1) if shared else q
+        return self._update(y, query, gathered_keys, gathered_values, key_mask, few=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.attend(y, *self.key_values(x), key_mask)
