@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -172,6 +173,29 @@ def serve(db_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, started(proc, f"http://127.0.0.1:{port}", "/readyz", 60, f"service on {db_url}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants (Linux /proc): the server's cost per request,
+    which, unlike latency, does not depend on what else shares the cores."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def measured(pid: int, run: Any) -> tuple[float, list[float], int, float]:
+    """(seconds, latencies, errors) of a load run, and the server's CPU seconds during it."""
+    before = cpu_seconds(pid)
+    seconds, latencies, errors = asyncio.run(run)
+    return seconds, latencies, errors, cpu_seconds(pid) - before
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
@@ -187,33 +211,36 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: s
         try:
             asyncio.run(load(url, "POST", 20, 5))  # warm-up (imports, first connections)
             for method, total in (("POST", args.requests), ("GET", args.requests)):
-                seconds, latencies, errors = asyncio.run(load(url, method, total, args.clients))
-                rows.append(row(name, f"{method} /runs", total / seconds, latencies, errors))
+                seconds, latencies, errors, cpu = measured(proc.pid, load(url, method, total, args.clients))
+                rows.append(row(name, f"{method} /runs", total / seconds, latencies, errors, cpu / total))
             for method in ("POST", "GET"):
-                seconds, latencies, errors = asyncio.run(open_loop(url, method, args.rate, args.duration))
+                seconds, latencies, errors, cpu = measured(proc.pid, open_loop(url, method, args.rate, args.duration))
                 what = f"{method} /runs open loop {args.rate:.0f}/s"
-                rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
+                rows.append(row(name, what, len(latencies) / seconds, latencies, errors, cpu / len(latencies)))
         finally:
             stop(proc)
         if mlflow_db is not None:
             proc, url = mlflow_server(mlflow_db, home)
             try:
                 asyncio.run(load(url, "MLFLOW", 20, 5))
-                seconds, latencies, errors = asyncio.run(load(url, "MLFLOW", args.requests, args.clients))
-                rows.append(row(name, "MLflow runs/create", args.requests / seconds, latencies, errors))
-                seconds, latencies, errors = asyncio.run(open_loop(url, "MLFLOW", args.rate, args.duration))
+                seconds, latencies, errors, cpu = measured(proc.pid, load(url, "MLFLOW", args.requests, args.clients))
+                rows.append(
+                    row(name, "MLflow runs/create", args.requests / seconds, latencies, errors, cpu / args.requests)
+                )
+                seconds, latencies, errors, cpu = measured(proc.pid, open_loop(url, "MLFLOW", args.rate, args.duration))
                 what = f"MLflow runs/create open loop {args.rate:.0f}/s"
-                rows.append(row(name, what, len(latencies) / seconds, latencies, errors))
+                rows.append(row(name, what, len(latencies) / seconds, latencies, errors, cpu / len(latencies)))
             finally:
                 stop(proc)
     return rows
 
 
-def row(backend: str, what: str, rps: float, latencies: list[float], errors: int) -> dict[str, object]:
+def row(backend: str, what: str, rps: float, latencies: list[float], errors: int, cpu: float) -> dict[str, object]:
     return {
         "backend": backend,
         "what": what,
         "rps": rps,
+        "cpu_ms": 1000 * cpu,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "errors": errors,
@@ -257,20 +284,21 @@ def main() -> int:
         f"{args.clients} concurrent clients, {args.requests} requests per row, one uvicorn worker, "
         f"{os.cpu_count()} CPU cores shared by client and server"
     )
-    print(f"{'backend':11s} {'what':40s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'s/pass':>8s} {'errors':>6s}")
-    for row in rows:
-        rps = f"{row['rps']:.0f}" if "rps" in row else "-"
-        p50 = f"{row['p50_ms']:.0f}" if "p50_ms" in row else "-"
-        p99 = f"{row['p99_ms']:.0f}" if "p99_ms" in row else "-"
-        sec = f"{row['seconds']:.3f}" if "seconds" in row else "-"
-        print(f"{row['backend']:11s} {row['what']:40s} {rps:>8s} {p50:>8s} {p99:>8s} {sec:>8s} {row['errors']:>6}")
+    print("| backend | what | req/s | p50 ms | p99 ms | server CPU ms/req | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['backend']} | {r['what']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+            f"| {r['cpu_ms']:.2f} | {r['errors']} |"
+        )
     print()
     for backend in ("sqlite", "postgresql"):
         ours = next(r for r in rows if r["backend"] == backend and r["what"] == "POST /runs")
         theirs = next((r for r in rows if r["backend"] == backend and r["what"] == "MLflow runs/create"), None)
         if theirs is not None:
             ratio = float(ours["rps"]) / float(theirs["rps"])  # type: ignore[arg-type]
-            print(f"{backend}: POST /runs vs MLflow runs/create throughput ratio {ratio:.2f}x")
+            cpu = float(theirs["cpu_ms"]) / float(ours["cpu_ms"])  # type: ignore[arg-type]
+            print(f"{backend}: POST /runs vs MLflow runs/create: throughput {ratio:.2f}x, server CPU {cpu:.2f}x less")
     for what in ("POST /runs", "GET /runs"):
         sq = next(r for r in rows if r["backend"] == "sqlite" and r["what"] == what)
         pg = next(r for r in rows if r["backend"] == "postgresql" and r["what"] == what)

@@ -1,23 +1,26 @@
 """The reconciler's cost follows what changes, on both databases: one query per pass for every running job,
 no lock for a healthy one, one locking transaction for a batch of changed ones, an index for open attempts;
-and the job logs are read incrementally, past a line only once its effect has committed."""
+the job logs are read incrementally, past a line only once its effect has committed; SQLite's writers queue
+in arrival order."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from benchmarks.reconciler_scale import RunningScheduler, grow, seed
 from orchestrator.db.migrate import upgrade
 from orchestrator.db.models import Checkpoint, Event
-from orchestrator.db.session import Database
+from orchestrator.db.session import Database, FifoLock
 from orchestrator.jobs.tails import LogTails
 from orchestrator.launchers import Launchers
 from orchestrator.reconciler import Reconciler
-from tests.support import make_settings
+from tests.support import make_settings, wait_for
 
 
 class Statements:
@@ -163,5 +166,31 @@ def test_a_collapse_logged_while_running_becomes_an_event(db_url: str, tmp_path:
             events = session.scalars(sa.select(Event).where(Event.kind == "collapsed")).all()
         assert [e.reason for e in events] == ["teacher near uniform"]
         assert str(events[0].job_id) == logs[1].parent.parent.name
+    finally:
+        db.dispose()
+
+
+def test_sqlite_writers_take_their_turn_in_arrival_order(tmp_path: Path) -> None:
+    lock, order, started = FifoLock(), [], []
+    lock.__enter__()  # held: everyone below queues
+
+    def writer(i: int) -> None:
+        started.append(i)
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(8):
+        threads.append(threading.Thread(target=writer, args=(i,)))
+        threads[-1].start()
+        wait_for(lambda i=i: i in started and len(lock._waiters) == i + 1, 5, f"writer {i} to queue")
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(5)
+    assert order == list(range(8))
+    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with db.transaction(), pytest.raises(RuntimeError, match="inside another"), db.transaction():
+            pass
     finally:
         db.dispose()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,40 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **options, **kwargs)
 
 
+class FifoLock:
+    """A lock handed to its waiters in arrival order. SQLite has one writer at a time; left to its busy
+    handler, waiting writers poll with growing sleeps and the unlucky ones wait seconds (the p99 under load).
+    Queued here, each write transaction of this process waits only for those that arrived before it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiters: deque[threading.Lock] = deque()
+        self._held = False
+        self._owner: int | None = None
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._guard:
+            if not self._held:
+                self._held, self._owner = True, me
+                return
+            if self._owner == me:  # SQLite would wait on itself for its busy timeout, then fail
+                raise RuntimeError("a write transaction inside another one on the same SQLite database")
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        turn.acquire()  # released by the holder that hands over to us
+        self._owner = me
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._guard:
+            self._owner = None
+            if self._waiters:
+                self._waiters.popleft().release()  # still held: ownership passes directly
+            else:
+                self._held = False
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -52,11 +88,13 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)  # reads
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._writers = sessionmaker(writer, expire_on_commit=False)
+        # SQLite: one writer at a time, queued in order (one process writes a database: see leader.py)
+        self._write_turn: FifoLock | nullcontext[None] = FifoLock() if url.startswith("sqlite") else nullcontext()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits together or not at all."""
-        with self._writers() as session, session.begin():
+        with self._write_turn, self._writers() as session, session.begin():
             yield session
 
     def dispose(self) -> None:
