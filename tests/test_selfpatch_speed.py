@@ -93,7 +93,7 @@ def _grads(
     """Gradients of sum_i <tensors_i, weights_i> (a generic downstream use) with respect to `inputs`."""
     total = sum((t * w).sum() for t, w in zip(tensors, weights, strict=True))
     assert isinstance(total, torch.Tensor)
-    return torch.autograd.grad(total, inputs, allow_unused=True)
+    return torch.autograd.grad(total, inputs)
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 7 * 5, 1])
@@ -193,9 +193,6 @@ def test_aggregation_head_equals_the_earlier_forward_with_gradients(border: str,
     for g, e in zip(got, expected, strict=True):  # the positives' attention is written out: float rounding
         _assert_close_to_scale(g, e, "output", floor=1e-7)
     for name, g_grad, e_grad in zip(["x", *dict(head.named_parameters())], got_grads, expected_grads, strict=True):
-        assert (g_grad is None) == (e_grad is None), name
-        if g_grad is None or e_grad is None:
-            continue
         if name.endswith("attn.k.bias"):  # softmax ignores a shift shared by all keys: zero up to rounding
             assert float(g_grad.abs().max()) < 1e-5 and float(e_grad.abs().max()) < 1e-5
         else:
