@@ -256,6 +256,20 @@ class OptimConfig(_Section):
         1, ge=0, le=100_000, description="Epochs during which the heads' last layers get no update."
     )
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="Base EMA momentum (cosine to 1).")
+    fused: Literal["auto", "fused", "foreach", "off"] = Field(
+        "auto",
+        description="Optimizer kernels: 'fused' (one kernel for all tensors; skips a step on the device), 'foreach' "
+        "(vectorised), 'off' (a loop over tensors, torch's CPU default); auto = fused where the device has it. "
+        "All compute the official update, equal to fp32 rounding.",
+    )
+    finite_check: Literal["deferred", "step"] = Field(
+        "deferred",
+        description="A NaN/inf loss is never applied and stops the run with NonFiniteLossError (official). "
+        "'deferred': the check stays on the device, that step and all later ones are masked out (optimizer, "
+        "teacher EMA, centers) and the run stops at the next log step, checkpoint or stop, so nothing after the "
+        "last finite step is logged or saved; 'step': a host check before every update (one sync per step). "
+        "'deferred' needs an optimizer that can skip on the device (fused, or fp16's GradScaler), else it is 'step'.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:
@@ -374,8 +388,9 @@ class DistributedConfig(_Section):
 
 #: Fields that say where and how to observe a run, not what is computed: left out of the config hash. The
 #: dataset's path is where it lives, not what it is: the same preset hashes the same in every clone and on
-#: every cluster (the path is recorded with the config, beside the hash). Activation checkpointing and DDP vs
-#: FSDP compute the same numbers to fp32 rounding, like the device: they are left out too.
+#: every cluster (the path is recorded with the config, beside the hash).
+#: Kernel choices (compile, fused optimizer, when the finite check runs) compute the same numbers to fp32
+#: rounding, like the device: they are left out too, as are activation checkpointing and DDP vs FSDP.
 UNHASHED_FIELDS: frozenset[str] = frozenset(
     {
         "checkpoint",
@@ -385,6 +400,9 @@ UNHASHED_FIELDS: frozenset[str] = frozenset(
         "stop_at_step",
         "device",
         "collapse",
+        "compile",
+        "optim.fused",
+        "optim.finite_check",
         "model.grad_checkpointing",
         "distributed",
     }
@@ -404,6 +422,12 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     stop_at_step: Integer | None = Field(
         None, ge=1, le=10**12, description="Checkpoint and stop after this global step, as a preemption would."
+    )
+    compile: Literal["off", "blocks", "full"] = Field(
+        "off",
+        description="torch.compile (official: eager). 'blocks': each ViT block, the heads and the loss terms as "
+        "regions compiled once for all blocks (recompiles bounded by crop sizes, not depth); 'full': the whole "
+        "student, teacher and loss. Same mathematics, fp32 rounding apart.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import TrainConfig
@@ -19,8 +20,12 @@ from trainer.optim import (
     cancel_last_layer_gradients,
     clip_gradients_per_tensor,
     ema_update,
+    masked_step,
     set_schedule_values,
+    skips_on_device,
 )
+
+NONFINITE_HINT = "Try precision=fp32, a lower optim.lr or a lower loss.teacher_temp."
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,10 +34,50 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepValues:
-    loss: float
-    cls_loss: float
-    patch_loss: float | None
+    """One step's losses as 0-d device tensors: reading them (`.item()`) is the host sync, done per log window."""
+
+    loss: torch.Tensor
+    cls_loss: torch.Tensor
+    patch_loss: torch.Tensor | None
     diagnostics: dict[str, float] = field(default_factory=dict)  # `diag/...` on steps asked to diagnose
+
+
+class FiniteGuard:
+    """DINO's "stop at a non-finite loss, do not apply that step", decided on the device.
+
+    `ok` is sticky: after the first non-finite step every later step is masked out too, so the state stays
+    that of the last finite step, exactly as if the run had stopped there; `check` (one host sync) raises.
+    Across processes the flag is all-reduced, so every rank masks the same steps (gradients are shared).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # loss, iteration, epoch
+
+    def update(self, loss: torch.Tensor, iteration: int, epoch: int) -> torch.Tensor:
+        """Fold this step's loss into the flag; returns the (device) flag: apply this step or not."""
+        finite = torch.isfinite(loss.detach())
+        if dist.is_available() and dist.is_initialized():
+            bad = (~finite).to(torch.float32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            finite = bad == 0
+        newly_bad = self.ok & ~finite
+        where = torch.empty_like(self.first_bad)
+        where[0] = loss.detach().to(torch.float64)
+        where[1], where[2] = iteration, epoch  # fills: no host-to-device copy
+        self.first_bad = torch.where(newly_bad, where, self.first_bad)
+        self.ok = self.ok & finite
+        return self.ok
+
+    def check(self) -> None:
+        """Raise NonFiniteLossError if any step so far had a non-finite loss (one host sync)."""
+        if bool(self.ok):
+            return
+        loss, iteration, epoch = self.first_bad.tolist()
+        raise NonFiniteLossError(
+            f"loss is {loss} at iteration {int(iteration)} in epoch {int(epoch)}; neither that step nor any "
+            f"later one was applied. {NONFINITE_HINT}"
+        )
 
 
 @dataclass
@@ -46,9 +91,19 @@ class Engine:
     loss_fn: MultiCropLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    guard: FiniteGuard | None = None  # the deferred finite check; None: a host check every step
 
     @classmethod
-    def build(cls, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, info: DistInfo) -> Engine:
+    def build(
+        cls,
+        cfg: TrainConfig,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        info: DistInfo,
+        *,
+        compile_backend: str = "inductor",
+    ) -> Engine:
+        """`compile_backend` is torch.compile's backend when cfg.compile is on (tests use "aot_eager")."""
         student = build_model(cfg, student=True).to(device)
         teacher = build_model(cfg, student=False).to(device)
         teacher.load_state_dict(student.state_dict())  # teacher and student start equal
@@ -64,9 +119,14 @@ class Engine:
             center_momentum=cfg.loss.center_momentum,
             patch_weight=cfg.selfpatch.loss_weight,
         ).to(device)
-        optimizer = build_optimizer(cfg.optim, student)
+        optimizer = build_optimizer(cfg.optim, student, device)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        return cls(cfg, device, amp_dtype, student, teacher, student_ddp, loss_fn, optimizer, scaler)
+        # deferred: a fused optimizer skips on a device flag; GradScaler skips a step whose gradients are NaN
+        deferred = cfg.optim.finite_check == "deferred" and (skips_on_device(optimizer) or scaler is not None)
+        guard = FiniteGuard(device) if deferred else None
+        if cfg.compile != "off":
+            compile_regions(cfg.compile, student, teacher, loss_fn, compile_backend)
+        return cls(cfg, device, amp_dtype, student, teacher, student_ddp, loss_fn, optimizer, scaler, guard)
 
     @property
     def teacher_all_crops(self) -> bool:
@@ -82,9 +142,14 @@ class Engine:
         momentum: float,
         temp: float,
         diagnose: bool = False,
+        iteration: int = -1,
     ) -> StepValues:
         """Teacher and student forward, loss, backward with per-tensor clipping, AdamW step, teacher EMA; with
-        `diagnose`, also the collapse diagnostics of both heads (against the centers the loss uses)."""
+        `diagnose`, also the collapse diagnostics of both heads (against the centers the loss uses).
+
+        No host sync: the losses come back as device tensors, and with the deferred finite check a non-finite
+        step is masked out on the device (`check_finite` raises later); else it raises here, unapplied.
+        """
         cfg = self.cfg
         set_schedule_values(self.optimizer, lr, weight_decay)
         batch = crops[0].shape[0]
@@ -96,6 +161,7 @@ class Engine:
                 teacher_out = self.teacher(crops if self.teacher_all_crops else crops[:2], match=True)
             student_out = self.student_ddp(crops)
             diagnostics = self.diagnostics(teacher_out, student_out, temp) if diagnose else {}
+            centers = [b.clone() for b in self.loss_fn.buffers()] if self.guard is not None else []
             terms = self.loss_fn(
                 student_out.cls_logits,
                 teacher_out.cls_logits,
@@ -104,12 +170,18 @@ class Engine:
                 student_out.patch_logits,
                 teacher_out.patch_logits,
             )
-        loss_value = terms.total.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} in epoch {epoch}; this step was not applied. "
-                "Try precision=fp32, a lower optim.lr or a lower loss.teacher_temp."
-            )
+        keep: torch.Tensor | None = None
+        if self.guard is None:
+            loss_value = terms.total.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} in epoch {epoch}; this step was not applied. {NONFINITE_HINT}"
+                )
+        else:
+            keep = self.guard.update(terms.total, iteration, epoch)
+            with torch.no_grad():  # the centers took their EMA step inside the loss: undo it on a masked step
+                for buffer, before in zip(self.loss_fn.buffers(), centers, strict=True):
+                    buffer.copy_(torch.where(keep, buffer, before))
 
         self.optimizer.zero_grad(set_to_none=True)
         clip = cfg.optim.clip_grad
@@ -118,18 +190,30 @@ class Engine:
             if clip:
                 clip_gradients_per_tensor(self.student.parameters(), clip)
             cancel_last_layer_gradients(self.student, epoch, cfg.optim.freeze_last_layer)
-            self.optimizer.step()
+            if keep is None:
+                self.optimizer.step()
+            else:
+                masked_step(self.optimizer, ~keep)
         else:
-            self.scaler.scale(terms.total).backward()
+            loss = terms.total
+            if keep is not None:  # x 1 (exact) or x NaN: NaN gradients make GradScaler skip this step
+                loss = loss * torch.where(keep, torch.ones_like(loss), torch.full_like(loss, math.nan))
+            self.scaler.scale(loss).backward()
             if clip:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients
                 clip_gradients_per_tensor(self.student.parameters(), clip)
             cancel_last_layer_gradients(self.student, epoch, cfg.optim.freeze_last_layer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        ema_update(self.teacher.parameters(), self.student.parameters(), momentum)
-        patch = None if terms.patch is None else terms.patch.item()
-        return StepValues(loss_value, terms.cls.item(), patch, diagnostics)
+        ema_update(self.teacher.parameters(), self.student.parameters(), momentum, keep)
+        patch = None if terms.patch is None else terms.patch.detach()
+        return StepValues(terms.total.detach(), terms.cls.detach(), patch, diagnostics)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a deferred-checked step was non-finite (a host sync; call it per log
+        window and before anything is saved). With the per-step check there is nothing left to check."""
+        if self.guard is not None:
+            self.guard.check()
 
     def diagnostics(self, teacher: MultiCropOutput, student: MultiCropOutput, temp: float) -> dict[str, float]:
         """Collapse diagnostics of the image head and (SelfPatch) the patch head, on the views both saw."""
@@ -144,3 +228,36 @@ class Engine:
             feats = [f.reshape(-1, f.shape[-1]) for f in teacher.patch_features or []]
             heads["patch"] = (logits_t, logits_s, self.loss_fn.patch_center, torch.cat(feats) if feats else None)
         return step_diagnostics(heads, temp, self.cfg.loss.student_temp)
+
+
+def compile_regions(
+    mode: str,
+    student: DINOModel | SelfPatchModel,
+    teacher: DINOModel | SelfPatchModel,
+    loss_fn: MultiCropLoss,
+    backend: str,
+) -> None:
+    """torch.compile in place (state-dict keys unchanged). 'blocks': every ViT block (one compiled code object
+    shared by all blocks: graphs per crop size and grad mode, not per block), the projection heads and the
+    two loss terms; 'full': the student, the teacher and the loss as wholes.
+
+    Stochastic depth stays eager in 'blocks': its per-block drop rate would otherwise be a constant baked
+    into each graph (a recompile per block), and eager keeps the drop masks those of an eager run.
+    """
+    from timm.layers.drop import DropPath
+
+    if mode == "full":
+        for module in (student, teacher, loss_fn):
+            module.compile(backend=backend, dynamic=False)
+        return
+    for net in (student, teacher):
+        for block in net.backbone.blocks:
+            for sub in block.modules():
+                if isinstance(sub, DropPath):
+                    sub.forward = torch.compiler.disable(sub.forward)  # type: ignore[method-assign,no-untyped-call]
+            block.compile(backend=backend, dynamic=False)
+        heads = [net.head] if isinstance(net, DINOModel) else [net.c_head, net.p_head]
+        for head in heads:
+            head.compile(backend=backend, dynamic=False)
+    loss_fn.image_loss = torch.compile(loss_fn.image_loss, backend=backend, dynamic=False)  # type: ignore[method-assign]
+    loss_fn.patch_loss = torch.compile(loss_fn.patch_loss, backend=backend, dynamic=False)  # type: ignore[method-assign]

@@ -113,26 +113,52 @@ class JsonLog:
 
 
 class Meter:
-    """Running means of step metrics over a logging window and over the epoch."""
+    """Means of step metrics over a logging window and over the epoch, plus images per second of each.
+
+    Steps add device tensors; nothing is read until a window or an epoch is logged, which costs one host
+    sync for all its metrics (a window is folded into the epoch's sums on the device when it is read, so
+    the epoch keeps a few sums, not every step). Throughput is images over wall time between those reads:
+    what the device did, not how fast the host queued it.
+    """
 
     def __init__(self) -> None:
-        self.window: dict[str, list[float]] = {}
-        self.epoch: dict[str, list[float]] = {}
+        self.window: dict[str, list[torch.Tensor]] = {}
+        self.epoch: dict[str, tuple[torch.Tensor, int]] = {}  # sum (float64, on the device) and count
+        self.images = {"window": 0, "epoch": 0}
+        now = time.perf_counter()
+        self.started = {"window": now, "epoch": now}
 
-    def add(self, **values: float) -> None:
+    def add(self, images: int, **values: torch.Tensor) -> None:
         for key, value in values.items():
-            self.window.setdefault(key, []).append(value)
-            self.epoch.setdefault(key, []).append(value)
+            self.window.setdefault(key, []).append(value.detach())
+        self.images = {k: n + images for k, n in self.images.items()}
 
     def window_means(self) -> dict[str, float]:
-        means = {k: float(np.mean(v)) for k, v in self.window.items() if v}
+        keys = list(self.window)
+        sums = [torch.stack(self.window[k]).double().sum() for k in keys]
+        counts = [len(self.window[k]) for k in keys]
+        for key, total, count in zip(keys, sums, counts, strict=True):
+            before, n = self.epoch.get(key, (torch.zeros_like(total), 0))
+            self.epoch[key] = (before + total, n + count)
         self.window = {}
-        return means
+        values = (torch.stack(sums) if sums else torch.zeros(0)).tolist()  # the one wait for the device
+        means = {k: v / n for k, v, n in zip(keys, values, counts, strict=True)}
+        return means | {"img_per_s": self._throughput("window")}
 
     def epoch_means(self) -> dict[str, float]:
-        means = {k: float(np.mean(v)) for k, v in self.epoch.items() if v}
+        if self.window:
+            self.window_means()  # fold the open window in
+        keys = list(self.epoch)
+        values = (torch.stack([self.epoch[k][0] for k in keys]) if keys else torch.zeros(0)).tolist()
+        means = {k: v / self.epoch[k][1] for k, v in zip(keys, values, strict=True)}
         self.epoch = {}
-        return means
+        return means | {"img_per_s": self._throughput("epoch")}
+
+    def _throughput(self, span: str) -> float:
+        now = time.perf_counter()
+        rate = self.images[span] / max(now - self.started[span], 1e-9)
+        self.images[span], self.started[span] = 0, now
+        return rate
 
 
 def train(config: TrainConfig | Mapping[str, Any], callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
@@ -223,6 +249,7 @@ def _train(
 
     def save(kind: str, epoch_done: int, numbered: bool = False) -> CheckpointInfo | None:
         """Every rank reaches here; rank 0 writes checkpoint.pth (and a numbered copy)."""
+        engine.check_finite()  # never save a state past a non-finite step (every rank stops here alike)
         if not info.is_main:
             return None
         state = {
@@ -279,7 +306,6 @@ def _train(
                 from tqdm import tqdm
 
                 batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True)
-            step_start = time.perf_counter()
             for crops, _labels in batches:
                 it = iteration
                 crops = [c.to(device, non_blocking=True) for c in crops]
@@ -293,17 +319,19 @@ def _train(
                     momentum=float(schedules.momentum[it]),
                     temp=temp,
                     diagnose=info.is_main and logs_now,
+                    iteration=it,
                 )
                 iteration += 1
 
-                now = time.perf_counter()
                 values = {"loss": step.loss, "cls_loss": step.cls_loss}
                 if step.patch_loss is not None:
                     values["patch_loss"] = step.patch_loss
-                meter.add(img_per_s=batch * info.world_size / max(now - step_start, 1e-9), **values)
-                step_start = now
-                if info.is_main and (iteration % cfg.logging.log_every == 0 or iteration == total_iters):
-                    metrics = {f"train/{k}": v for k, v in meter.window_means().items()}
+                meter.add(batch * info.world_size, **values)
+                if logs_now:  # the window's host sync, on every rank: all stop at the same step
+                    engine.check_finite()
+                    window = meter.window_means()
+                if info.is_main and logs_now:
+                    metrics = {f"train/{k}": v for k, v in window.items()}
                     metrics.update(
                         {
                             "train/lr": float(schedules.lr[it]),
