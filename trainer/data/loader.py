@@ -2,6 +2,8 @@
 
 The sampler shuffles each epoch from (seed, epoch) like DistributedSampler and can start mid-epoch; the
 augmentation of every sample is seeded from (seed, epoch, index), independent of workers and processes.
+`backend="tensor"` decodes image folders with torchvision.io (uint8 tensors) and augments with the v2
+pipeline of `trainer.data.augment`; "pil" (default) is the official PIL pipeline.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ import hashlib
 import math
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from trainer.config import TrainConfig
-from trainer.data.augment import MultiCropAugmentation
-from trainer.data.datasets import DatasetError, build_dataset
+from trainer.data.augment import Backend, build_augmentation
+from trainer.data.datasets import DatasetError, ImageFolder, build_dataset
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -26,10 +29,34 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class TensorImageFolder(Dataset[tuple[torch.Tensor, int]]):
+    """The files of an ImageFolder decoded by torchvision.io (libjpeg-turbo) into uint8 (3, H, W) RGB tensors."""
+
+    def __init__(self, folder: ImageFolder) -> None:
+        self.samples: list[tuple[str, int]] = list(folder.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        return decode_rgb(path), int(target)
+
+
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """A JPEG/PNG file as a uint8 (3, H, W) RGB tensor (grey and CMYK images converted)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    image: torch.Tensor = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    return image
+
+
 class SeededMultiCrop(Dataset[tuple[list[torch.Tensor], int]]):
     """Applies the multi-crop augmentation under RNG state derived from (seed, epoch, index)."""
 
-    def __init__(self, dataset: Dataset[tuple[Image.Image, int]], transform: MultiCropAugmentation, seed: int) -> None:
+    def __init__(
+        self, dataset: Dataset[tuple[Any, int]], transform: Callable[[Any], list[torch.Tensor]], seed: int
+    ) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
@@ -95,12 +122,15 @@ def _ignore_preemption_signals(_worker_id: int) -> None:
 
 
 def build_loader(
-    cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+    cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False, backend: Backend = "pil"
 ) -> tuple[DataLoader[tuple[list[torch.Tensor], int]], EpochBatchSampler]:
-    raw = build_dataset(cfg.data)
+    """The training stream; `backend` picks the decode + augmentation pipeline ('pil' is the official one)."""
+    raw: Dataset[tuple[Any, int]] = build_dataset(cfg.data)
+    if backend == "tensor" and isinstance(raw, ImageFolder):
+        raw = TensorImageFolder(raw)
     if cfg.data.max_samples is not None and cfg.data.max_samples < len(raw):  # type: ignore[arg-type]
         raw = Subset(raw, range(cfg.data.max_samples))
-    dataset = SeededMultiCrop(raw, MultiCropAugmentation(cfg.crops), cfg.seed)
+    dataset = SeededMultiCrop(raw, build_augmentation(cfg.crops, backend), cfg.seed)
     sampler = EpochBatchSampler(
         len(dataset), cfg.optim.batch_size_per_gpu, seed=cfg.seed, rank=rank, world_size=world_size
     )
