@@ -207,35 +207,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer-step measurement")
     parser.add_argument("--trainer-batch", type=int, default=8, help="trainer batch on CPU (as train_step.py)")
     parser.add_argument("--gpu-img-s", type=float, default=None, help="a GPU trainer img/s to compare with")
-    parser.add_argument("--quick", action="store_true", help="64 images, 3 timed batches")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best rate is kept")
+    parser.add_argument("--quick", action="store_true", help="64 images, 3 timed batches, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.batches = 64, 3
+        args.images, args.batches, args.repeats = 64, 3, 1
 
     import torch
 
     folder = build_folder(args.out, args.images)
     print(f"folder {folder}: {args.images} JPEGs from {len(source_photos())} real photos; preset {args.preset}")
+    # every measurement is repeated with the backends interleaved and the best rate kept: on a shared machine
+    # the best of N is the one least disturbed by other tenants, and both backends see the same conditions
     rows: dict[str, dict[str, float]] = {}
-    for backend in args.backends:
-        decode, full, kb = per_core(folder, args.preset, backend)
-        rows[backend] = {"decode": decode, "full": full, "kb": kb}
+    for _ in range(args.repeats):
+        for backend in args.backends:
+            decode, full, kb = per_core(folder, args.preset, backend)
+            seen = rows.get(backend, {"decode": 0.0, "full": 0.0})
+            rows[backend] = {"decode": max(decode, seen["decode"]), "full": max(full, seen["full"]), "kb": kb}
     pin = torch.cuda.is_available()
-    loader_rows: list[tuple[str, int, bool, float, float]] = []
-    for backend in args.backends:
+    fastest: dict[tuple[str, int, bool], tuple[float, float]] = {}
+    for _ in range(args.repeats):
         for workers in args.workers:
             for pinned in (False, True) if pin else (False,):
-                rate, first = through_loader(folder, args.preset, backend, workers, args.batch, args.batches, pinned)
-                loader_rows.append((backend, workers, pinned, rate, first))
+                for backend in args.backends:
+                    rate, first = through_loader(
+                        folder, args.preset, backend, workers, args.batch, args.batches, pinned
+                    )
+                    seen_rate, seen_first = fastest.get((backend, workers, pinned), (0.0, float("inf")))
+                    fastest[(backend, workers, pinned)] = (max(rate, seen_rate), min(first, seen_first))
+    loader_rows = [(b, w, p, rate, first) for (b, w, p), (rate, first) in sorted(fastest.items())]
 
     base = rows.get("pil", next(iter(rows.values())))
-    print(f"\nper core (1 torch thread, this process), {args.images} images, mean {base['kb']:.0f} KB/JPEG")
+    print(f"\nper core (1 torch thread, best of {args.repeats}), {args.images} images, mean {base['kb']:.0f} KB/JPEG")
     print(f"{'backend':<8} {'decode img/s':>13} {'decode+crops img/s':>19} {'vs pil':>7} {f'{CORES}-core est.':>14}")
     for backend, r in rows.items():
         ratio = r["full"] / base["full"]
         print(f"{backend:<8} {r['decode']:>13.1f} {r['full']:>19.1f} {ratio:>6.2f}x {CORES * r['full']:>14.0f}")
 
-    print(f"\nDataLoader (trainer's build_loader), batch {args.batch}, {args.batches} timed batches after the first")
+    print(
+        f"\nDataLoader (trainer's build_loader), batch {args.batch}, {args.batches} timed batches after the "
+        f"first, best of {args.repeats}"
+    )
     print(f"{'backend':<8} {'workers':>7} {'pinned':>6} {'img/s':>8} {'img/s/worker':>13} {'first batch s':>14}")
     for backend, workers, pinned, rate, first in loader_rows:
         per = rate / max(workers, 1)
