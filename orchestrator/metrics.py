@@ -10,6 +10,7 @@ gauges keep the most recent value any process wrote, counters and histograms add
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select
@@ -54,10 +55,20 @@ def launcher_error(launcher: str, operation: str) -> None:
     LAUNCHER_ERRORS.labels(launcher, operation).inc()
 
 
+#: The job gauges count every job, finished ones included: refreshed at most this often, not every pass, so
+#: a pass costs what is active, not the whole history.
+GAUGE_INTERVAL_S = 15.0
+_last_refresh: dict[str, float] = {}
+
+
 def pass_done(db: Database, seconds: float) -> None:
-    """Record a completed pass and refresh the job gauges; a failing count is logged, never raised, because
-    metrics must not stop the reconciler."""
+    """Record a completed pass and, every GAUGE_INTERVAL_S, refresh the job gauges; a failing count is
+    logged, never raised, because metrics must not stop the reconciler."""
     RECONCILE_PASS_SECONDS.observe(seconds)
+    now = time.monotonic()
+    if now - _last_refresh.get(db.url, -GAUGE_INTERVAL_S) < GAUGE_INTERVAL_S:
+        return
+    _last_refresh[db.url] = now
     try:
         refresh_job_gauges(db)
     except Exception:

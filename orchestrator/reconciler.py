@@ -19,9 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select
+from sqlalchemy import Table, or_, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Attempt, Job, utcnow
@@ -61,6 +61,7 @@ NO_HEARTBEAT = "lost: no heartbeat for"
 #: Jobs whose row locks one transaction takes together.
 FOLLOW_BATCH = 100
 ACTIVE = [s.value for s in Status if not s.terminal]
+JOBS = cast(Table, Job.__table__)
 OPEN_ATTEMPTS = ["submitting", "pending", "running"]
 
 
@@ -209,23 +210,25 @@ class Reconciler:
         """Active jobs and terminal jobs whose last attempt is still open, oldest first, with that attempt:
         one query, whose cost follows active work (both predicates are index lookups), not finished work."""
         open_attempts = select(Attempt.job_id).where(Attempt.state.in_(OPEN_ATTEMPTS))
+        jobs = JOBS.c  # the jobs table alone: the ORM's Job would outer-join every kind's table
         with self.db.sessions() as session:
             rows = session.execute(
                 select(
-                    Job.id,
-                    Job.kind,
-                    Job.status,
-                    Job.launcher,
-                    Job.folder,
-                    Job.last_heartbeat_at,
+                    jobs.id,
+                    jobs.kind,
+                    jobs.status,
+                    jobs.launcher,
+                    jobs.folder,
+                    jobs.last_heartbeat_at,
                     Attempt.state,
                     Attempt.backend_job_id,
                     Attempt.host,
                     Attempt.started_at,
                 )
-                .outerjoin(Attempt, Attempt.job_id == Job.id)
-                .where(or_(Job.status.in_(ACTIVE), Job.id.in_(open_attempts)))
-                .order_by(Job.created_at, Job.id, Attempt.number)
+                .select_from(JOBS)
+                .outerjoin(Attempt, Attempt.job_id == jobs.id)
+                .where(or_(jobs.status.in_(ACTIVE), jobs.id.in_(open_attempts)))
+                .order_by(jobs.created_at, jobs.id, Attempt.number)
             ).all()
         by_job: dict[uuid.UUID, list[Any]] = {}
         for row in rows:
@@ -555,11 +558,12 @@ class Reconciler:
         if self.mlflow is None:
             return
         with self.db.sessions() as session:
+            jobs = JOBS.c
             pending = session.execute(
-                select(Job.id, Job.status, Job.mlflow_run_id).where(
-                    Job.status.in_([s.value for s in TERMINAL]),
-                    Job.mlflow_run_id.is_not(None),
-                    Job.mlflow_synced.is_(False),
+                select(jobs.id, jobs.status, jobs.mlflow_run_id).where(
+                    ~jobs.mlflow_synced,  # the predicate of the partial index ix_jobs_unsynced
+                    jobs.status.in_([s.value for s in TERMINAL]),
+                    jobs.mlflow_run_id.is_not(None),
                 )
             ).all()
         for job_id, status, run_id in pending:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
 from api.observability import JsonFormatter, RequestIdFilter
+from orchestrator import metrics
 from orchestrator.jobs.fake import FakeLauncher
 from orchestrator.launchers import Launchers
 from orchestrator.reconciler import Reconciler
@@ -138,7 +139,10 @@ def test_json_logs_carry_the_request_id_and_an_access_line(tmp_path: Path) -> No
     assert next(line for line in lines if line["message"] == "outside")["request_id"] is None
 
 
-def test_a_reconciler_pass_records_its_duration_jobs_queues_and_launcher_errors(tmp_path: Path, db_url: str) -> None:
+def test_a_reconciler_pass_records_its_duration_jobs_queues_and_launcher_errors(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "GAUGE_INTERVAL_S", 0.0)  # recount after every pass (the default: every 15 s)
     settings = settings_for(tmp_path, db_url)
     with TestClient(create_app(settings)) as client:
         state = client.app.state.orch  # type: ignore[attr-defined]

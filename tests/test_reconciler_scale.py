@@ -6,8 +6,10 @@ in arrival order."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ from orchestrator.db.models import Checkpoint, Event
 from orchestrator.db.session import Database, FifoLock
 from orchestrator.jobs.tails import LogTails
 from orchestrator.launchers import Launchers
-from orchestrator.reconciler import Reconciler
+from orchestrator.reconciler import PassStats, Reconciler
 from tests.support import make_settings, wait_for
 
 
@@ -90,20 +92,33 @@ def test_running_jobs_cost_one_query_and_no_lock_until_something_changes(db_url:
         db.dispose()
 
 
-def test_finding_open_attempts_is_an_index_lookup(db_url: str, tmp_path: Path) -> None:
+def test_what_a_pass_looks_for_is_found_through_indexes_not_history(db_url: str, tmp_path: Path) -> None:
     upgrade(db_url)
-    seed(db_url, tmp_path / "home", active=5, finished=500)
+    home = tmp_path / "home"
+    seed(db_url, home, active=5, finished=500)
     db = Database(db_url)
     try:
-        with db.engine.connect() as conn:
-            query = "SELECT job_id FROM attempts WHERE state IN ('submitting', 'pending', 'running')"
-            if db.url.startswith("sqlite"):
-                plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
-            else:  # with few rows a scan may be cheaper: check that the index answers the predicate at all
-                conn.exec_driver_sql("ANALYZE")
-                conn.exec_driver_sql("SET enable_seqscan = off")
-                plan = "\n".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + query))
-        assert "ix_attempts_state" in plan, plan
+        settings = make_settings(home, db_url)
+        reconciler = Reconciler(settings, db, Launchers(settings), mlflow=SimpleNamespace())  # type: ignore[arg-type]
+        recorder = Statements(db)
+        statements = recorder.during(reconciler._tracked) + recorder.during(
+            lambda: reconciler._sync_mlflow(PassStats())
+        )
+        tracked, unsynced = (
+            next(s for s in statements if "FROM jobs" in s and what in s) for what in ("attempts", "mlflow")
+        )
+        assert " runs " not in tracked and " evaluations " not in tracked  # the jobs table alone
+        sqlite = db.url.startswith("sqlite")
+        for statement, index in ((tracked, "ix_attempts_state"), (unsynced, "ix_jobs_unsynced")):
+            literal = statement.replace("?", "'x'") if sqlite else re.sub(r"%\(\w+\)s", "'x'", statement)
+            with db.engine.connect() as conn:
+                if sqlite:
+                    plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + literal))
+                else:  # with few rows a scan may be cheaper: check that the index answers the predicate at all
+                    conn.exec_driver_sql("ANALYZE")
+                    conn.exec_driver_sql("SET enable_seqscan = off")
+                    plan = "\n".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + literal))
+            assert index in plan, plan
     finally:
         db.dispose()
 

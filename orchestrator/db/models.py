@@ -82,6 +82,13 @@ class Job(Base):
         Index("ix_jobs_kind_created", "kind", "created_at", "id"),
         Index("ix_jobs_created", "created_at", "id"),  # lists of runs (train and trial kinds) newest first
         Index("ix_jobs_status", "status"),
+        # terminal jobs whose status MLflow has not been told yet: a pass looks only at those
+        Index(
+            "ix_jobs_unsynced",
+            "status",
+            postgresql_where=text("NOT mlflow_synced"),
+            sqlite_where=text("mlflow_synced = 0"),  # as SQLAlchemy writes NOT on SQLite, so the planner matches it
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
