@@ -4,11 +4,14 @@ service's REST calls, credentials, and the one `wait_for`. Fixtures live in conf
 from __future__ import annotations
 
 import os
+import site
 import socket
 import subprocess
 import sys
 import time
+import venv
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -189,3 +192,45 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------- the image's environment
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The project as docker/Dockerfile installs it: a wheel (not editable) in a fresh virtual environment."""
+
+    env_dir: Path
+    python: Path
+    site_packages: Path
+
+
+def install_wheel(root: Path) -> Installed:
+    """`pip wheel --no-deps .` and the wheel installed into a fresh venv under `root`. Its dependencies come
+    from this venv's site-packages as a plain path (`deps.pth`), not a reinstall of torch: site does not
+    process .pth files inside such a path, so the editable install of the source tree stays invisible."""
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root), "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(root.glob("selfpatch_orchestrator-*.whl"))
+    env_dir = root / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "PYTHONPATH", "MLFLOW_", "VIRTUAL_ENV"))}
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh_site = next((env_dir / "lib").glob("python3.*/site-packages"))
+    (fresh_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    return Installed(env_dir, python, fresh_site)

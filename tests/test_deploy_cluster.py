@@ -9,29 +9,25 @@ resolves nowhere here), the URLs for jobs are this host's name (`ORCH_JOB_API_UR
 only in the image while `ORCH_SLURM_PYTHON` names the nodes' interpreter. A micro run submitted over REST must
 then run on SLURM and succeed with everything it reports arriving through the external URLs.
 
-The image installs the wheel's dependencies too; here they come from the project's virtual environment as a
-plain path (`deps.pth`, as tests/test_packaging.py does), not a 6.5 GB reinstall of torch: site does not
-process .pth files inside such a path, so the editable install of the source tree stays invisible.
+The image installs the wheel's dependencies too; here they come from the project's virtual environment
+(`tests.support.install_wheel`), not a 6.5 GB reinstall of torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import site
 import socket
 import subprocess
 import sys
-import venv
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import pytest
 
-from tests.support import ADMIN, MICRO, REPO, get, settled, submit, wait_for
+from tests.support import ADMIN, MICRO, REPO, Installed, get, install_wheel, settled, submit, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]  # a real cluster; builds a wheel and trains a micro run
 
@@ -39,13 +35,6 @@ SECRET = "deploy-test-secret"
 RESOURCES = {"cpus_per_task": 1, "mem_gb": 2, "time_min": 20}
 #: What the containers have and compute nodes do not (the image's interpreter): SLURM jobs must not use it.
 IMAGE_PYTHON = "/opt/image-only/bin/python"
-
-
-@dataclass(frozen=True)
-class Installed:
-    env_dir: Path
-    python: Path
-    site_packages: Path
 
 
 @pytest.fixture(scope="module")
@@ -64,30 +53,7 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """The Dockerfile's two stages: `pip wheel --no-deps .`, then the wheel installed (not editable)."""
-    root = tmp_path_factory.mktemp("image")
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root), "."],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-2000:]
-    wheel = next(root.glob("selfpatch_orchestrator-*.whl"))
-    env_dir = root / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    fresh_site = next((env_dir / "lib").glob("python3.*/site-packages"))
-    (fresh_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
-    return Installed(env_dir, python, fresh_site)
+    return install_wheel(tmp_path_factory.mktemp("image"))
 
 
 def host_name() -> str:

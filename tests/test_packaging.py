@@ -4,47 +4,21 @@ run from a folder outside the repository, serves the API and resolves the preset
 from __future__ import annotations
 
 import os
-import site
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import REPO, free_port, wait_for
+from tests.support import REPO, free_port, install_wheel, wait_for
 
 pytestmark = pytest.mark.slow  # builds a wheel and a virtual environment
 
 
 def test_a_wheel_in_a_fresh_venv_serves_a_preset_dry_run(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-2000:]
-    wheel = next(wheels.glob("selfpatch_orchestrator-*.whl"))
-    env_dir = tmp_path / "fresh"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
+    installed = install_wheel(tmp_path / "image")
+    env_dir, python, fresh_site = installed.env_dir, installed.python, installed.site_packages
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what the venv itself finds
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert installed.returncode == 0, installed.stderr[-2000:]
-    # dependencies (torch, fastapi, ...) come from this venv's site-packages as a plain path: its .pth files,
-    # among them the editable install of the source tree, are not processed there
-    fresh_site = next((env_dir / "lib").glob("python3.*/site-packages"))
-    (fresh_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
     where = subprocess.run(
         [str(python), "-c", "import trainer, api, orchestrator; print(trainer.__file__, api.__file__)"],
         cwd=tmp_path,

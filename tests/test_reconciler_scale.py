@@ -55,14 +55,19 @@ def writes(statements: list[str]) -> list[str]:
     ]
 
 
-def test_running_jobs_cost_one_query_and_no_lock_until_something_changes(db_url: str, tmp_path: Path) -> None:
+def healthy(db_url: str, home: Path, active: int, finished: int) -> tuple[Reconciler, Database, list[Path]]:
+    """`active` running runs (the scheduler says running, heartbeats fresh, logs growing) and `finished` ones."""
     upgrade(db_url)
-    home = tmp_path / "home"
-    logs = seed(db_url, home, active=40, finished=200)
+    logs = seed(db_url, home, active=active, finished=finished)
     settings = make_settings(home, db_url, heartbeat_timeout_s=3600)
     db = Database(db_url)
+    return Reconciler(settings, db, Launchers(settings, fixed={"bench": RunningScheduler()})), db, logs
+
+
+def test_running_jobs_cost_one_query_and_no_lock_until_something_changes(db_url: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    reconciler, db, logs = healthy(db_url, home, active=40, finished=200)
     try:
-        reconciler = Reconciler(settings, db, Launchers(settings, fixed={"bench": RunningScheduler()}))
         recorder = Statements(db)
         assert reconciler.reconcile_once().jobs == 40  # the first pass reads every log from its start
         grow(logs, 1, checkpoint_every=None)  # metrics lines only
@@ -165,13 +170,8 @@ def test_lines_are_passed_only_when_the_transaction_acting_on_them_commits(tmp_p
 
 
 def test_a_collapse_logged_while_running_becomes_an_event(db_url: str, tmp_path: Path) -> None:
-    upgrade(db_url)
-    home = tmp_path / "home"
-    logs = seed(db_url, home, active=2, finished=0)
-    settings = make_settings(home, db_url, heartbeat_timeout_s=3600)
-    db = Database(db_url)
+    reconciler, db, logs = healthy(db_url, tmp_path / "home", active=2, finished=0)
     try:
-        reconciler = Reconciler(settings, db, Launchers(settings, fixed={"bench": RunningScheduler()}))
         reconciler.reconcile_once()
         line = {"event": "collapse", "head": "cls", "mode": "uniform", "iteration": 30, "ratio": 0.99}
         with logs[1].open("a") as handle:
