@@ -31,7 +31,7 @@ from typing import Any
 import fastapi.routing
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, start_http_server
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.datastructures import MutableHeaders
@@ -214,16 +214,26 @@ def setup_logging(log_format: str, level: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- /metrics
 
 
+def metrics_registry() -> CollectorRegistry:
+    """This process's metrics, or, when `PROMETHEUS_MULTIPROC_DIR` is set, those of every process writing
+    there (counters and histograms summed, gauges as their `multiprocess_mode` says)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """The metrics of a process without the API (a separate `scheduler`) on a port of their own, served
+    from a daemon thread."""
+    start_http_server(port, addr=host, registry=metrics_registry())
+
+
 def exposition(accept: str | None) -> tuple[bytes, str]:
-    """The metrics in the format the scraper asked for (Prometheus text, or OpenMetrics); when
-    `PROMETHEUS_MULTIPROC_DIR` is set, gathered from every process writing there (counters and histograms
-    summed, gauges as their `multiprocess_mode` says)."""
-    registry: CollectorRegistry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    """The metrics in the format the scraper asked for (Prometheus text, or OpenMetrics)."""
     encode, content_type = choose_encoder(accept or "")
-    return encode(registry), content_type
+    return encode(metrics_registry()), content_type
 
 
 def metrics_router(public: bool) -> APIRouter:

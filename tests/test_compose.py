@@ -48,7 +48,8 @@ def test_compose_file_is_valid_and_wires_the_services() -> None:
     api = config["services"]["api"]
     assert api["environment"]["ORCH_DATABASE_URL"].startswith("postgresql+psycopg://orch:pw@postgres:5432/")
     assert api["environment"]["ORCH_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "--no-reconciler" in api["command"] and config["services"]["scheduler"]["command"] == ["scheduler"]
+    scheduler = config["services"]["scheduler"]["command"]
+    assert "--no-reconciler" in api["command"] and scheduler[0] == "scheduler" and "--metrics-port" in scheduler
     assert {"postgres", "mlflow"} <= set(api["depends_on"])
 
 

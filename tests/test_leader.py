@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from orchestrator.leader import LOCK_KEY, PostgresLease, claim_writer, lock_path
-from tests.support import ADMIN, REPO, make_settings, wait_for
+from tests.support import ADMIN, REPO, free_port, make_settings, wait_for
 
 ORCHESTRATOR = str(Path(sys.executable).parent / "orchestrator")
 POSTGRESQL = pytest.param("postgresql", marks=pytest.mark.services)
@@ -248,3 +250,24 @@ def test_two_schedulers_elect_one_leader_and_the_other_takes_over_when_it_is_kil
     assert f"pid={standby.pid} " in name
     assert standby.alive(), standby.log()
     print(f"take-over after SIGKILL: {took:.1f} s")
+
+
+def test_a_separate_scheduler_serves_its_reconciler_metrics_on_its_own_port(tmp_path: Path) -> None:
+    port = free_port()
+    proc = Process(tmp_path / "home", f"sqlite:///{tmp_path / 'orch.db'}", "scheduler", "--metrics-port", str(port))
+    proc.start()
+    try:
+
+        def passes() -> float:
+            assert proc.alive(), proc.log()
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                return 0.0
+            found = re.search(r"^orch_reconcile_pass_seconds_count (\S+)$", text, re.MULTILINE)
+            return float(found.group(1)) if found else 0.0
+
+        wait_for(lambda: passes() >= 2, 120, "the scheduler's passes on its metrics port")
+        assert 'orch_jobs{kind="train",status="queued"} 0.0' in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        proc.stop()

@@ -125,7 +125,18 @@ def serve(
 
 
 @app.command()
-def scheduler() -> None:
+def scheduler(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve this process's Prometheus metrics (reconciler passes, jobs per state, queue depths, "
+            "launcher errors) over HTTP on this port, without a token: for the scraper's network only.",
+        ),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Bind address of --metrics-port.")] = "127.0.0.1",
+) -> None:
     """Run the reconciler alone (when the API runs elsewhere, or several API replicas share one). On
     PostgreSQL several may run: one leads (an advisory lock), the others take over when it dies."""
     import logging
@@ -147,6 +158,10 @@ def scheduler() -> None:
         fail(str(exc))
     try:
         upgrade(settings.db_url)
+        if metrics_port is not None:
+            from api.observability import serve_metrics
+
+            serve_metrics(metrics_host, metrics_port)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         reconciler = Reconciler(settings, Database(settings.db_url), mlflow=MlflowBridge(settings.tracking_uri))
