@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -271,7 +272,14 @@ THREADS = 0  # torch threads in the child processes (0: torch's default), from -
 def run_child(kind: str, case: Case, variant: str, device: str, reps: int, part: str = "all") -> dict[str, Any]:
     fields = {"kind": kind, "case": asdict(case), "variant": variant, "device": device, "reps": reps, "part": part}
     spec = json.dumps({**fields, "threads": THREADS})
-    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
+    # memory runs: a fixed mmap threshold, so glibc maps every large tensor on its own and unmaps it when
+    # freed and the peak RSS follows the live tensors, not what the heap kept from earlier frees (timing
+    # runs keep the default: fresh pages for every tensor would slow both variants alike)
+    env = dict(os.environ)
+    if variant != "both":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**16)
+    cmd = [sys.executable, __file__, "--child", spec]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} {case.label} {variant} failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -149,7 +149,8 @@ class MultiCropLoss(nn.Module):
         """Groups of (V_g*B, N_g, K) logits; the teacher may cover only a prefix of the student's groups/views."""
         per_view = []
         for s_group, t_group in zip(student, teacher, strict=False):
-            s_views = s_group[: t_group.shape[0]]
+            # the whole group when the teacher saw all its views: a slice would cost a full-size gradient copy
+            s_views = s_group if t_group.shape[0] == s_group.shape[0] else s_group[: t_group.shape[0]]
             ce = patch_cross_entropy(s_views, t_group, self.patch_center, temp, self.student_temp)  # (V_g*B, N_g)
             per_view.append(ce.reshape(-1, batch * ce.shape[-1]).mean(dim=1))
         return torch.cat(per_view).mean()
