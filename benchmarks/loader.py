@@ -183,16 +183,17 @@ def copy_rate(preset: str, batch: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def trainer_rate(preset: str, method: str, batch: int, steps: int) -> float:
-    """img/s of the trainer's step for the preset (benchmarks/train_step.py, in a fresh subprocess)."""
+def trainer_rate(preset: str, method: str, batch: int, steps: int) -> tuple[float, int]:
+    """(img/s, torch threads) of the trainer's step for the preset (train_step.py's `measure`, own subprocess)."""
     overrides = ["device=cpu", "precision=fp32", f"optim.batch_size_per_gpu={batch}", f"method={method}"]
     spec = {"preset": preset, "overrides": overrides}
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--steps", str(steps), "--warmup", "1"]
     out = subprocess.run([*cmd, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
-        return float("nan")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"])
+        return float("nan"), 0
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(row["img_per_s"]), int(row["threads"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,9 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'trainer':<40} {'img/s':>8} {'pil cores':>10} {'tensor cores':>13}")
     targets: list[tuple[str, float]] = []
     if not args.no_trainer:
-        threads = torch.get_num_threads()
         for method in ("dino", "selfpatch"):
-            rate = trainer_rate(args.preset, method, args.trainer_batch, 2)
+            rate, threads = trainer_rate(args.preset, method, args.trainer_batch, 2)
             targets.append((f"{method}, CPU b{args.trainer_batch} fp32, {threads} threads (here)", rate))
     if args.gpu_img_s:
         targets.append(("GPU (given with --gpu-img-s)", args.gpu_img_s))
