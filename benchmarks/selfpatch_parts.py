@@ -5,13 +5,15 @@
 group of one step. The patch head's MLP is the same in both and compute-bound, so it is left out: the
 logits are given. The earlier formulation is kept here as the baseline: the neighbour similarity from a
 (B, N, 8, C) gather, keys gathered then concatenated, one LayerNorm over [image; patches], and the
-unchunked soft-target cross-entropy. Each (case, variant) runs in a fresh process, so its peak memory is
-its own: on CPU the growth of the peak RSS over the inputs, on CUDA the allocator's peak over the inputs.
+unchunked soft-target cross-entropy. Times: both variants alternate in one process (a busy machine slows
+both alike); `--threads 1` steadies them on a shared machine. Peak memory: a fresh process per variant, on
+CPU the growth of the peak RSS over the inputs (with a fixed glibc mmap threshold, so freed tensors leave
+the RSS), on CUDA the allocator's peak over the inputs.
 
 Sequence packing (`--packing`): the backbone's blocks over all crops of an image as one sequence with a
 block-diagonal attention mask (DINOv2-style) vs one pass per crop size (the current multi-crop batching).
 
-    python benchmarks/selfpatch_parts.py                  # CPU: tiny preset and ViT-S/16 shapes, B=8
+    python benchmarks/selfpatch_parts.py --breakdown --threads 1   # CPU: tiny preset and ViT-S/16, B=8
     python benchmarks/selfpatch_parts.py --packing        # also sequence packing (CPU: ViT-S/16, B=8)
     python benchmarks/selfpatch_parts.py --device cuda    # GPU: ViT-S/16 shapes, B=64
 """
