@@ -140,7 +140,8 @@ def through_loader(
 
     torch.set_num_threads(1)
     cfg = train_config(preset, folder, batch, workers)
-    loader, sampler = build_loader(cfg, pin_memory=pin, backend=backend)  # type: ignore[arg-type]
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment_backend": backend})})
+    loader, sampler = build_loader(cfg, pin_memory=pin)
     sampler.set_epoch(0)
     start = time.perf_counter()
     iterator = iter(loader)

@@ -77,3 +77,18 @@ def test_tensor_pipeline_is_deterministic_under_the_sample_seed(folder: Path) ->
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))  # another epoch, other crops
     assert label == ImageFolder(folder).samples[2][1]
+
+
+def test_the_config_picks_the_pipeline_the_training_loader_uses(folder: Path) -> None:
+    from trainer.data.loader import build_loader
+    from trainer.presets import load_config
+
+    for backend, augmentation in (("pil", MultiCropAugmentation), ("tensor", TensorMultiCropAugmentation)):
+        overrides = ["data.dataset=imagefolder", f"data.path={folder}", "data.num_workers=0"]
+        cfg = load_config("tiny_cpu", [*overrides, "optim.batch_size_per_gpu=2"])
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment_backend": backend})})
+        loader, _ = build_loader(cfg)
+        dataset = loader.dataset
+        assert isinstance(dataset, SeededMultiCrop) and isinstance(dataset.transform, augmentation), dataset
+    tensor = load_config("tiny_cpu", ["data.augment_backend=tensor"])
+    assert tensor.config_hash() != load_config("tiny_cpu", []).config_hash()  # the data a run sees changes

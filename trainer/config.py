@@ -278,6 +278,10 @@ class OptimConfig(_Section):
         return self
 
 
+#: The multi-crop pipelines (trainer/data/augment.py builds each).
+AugmentBackend = Literal["pil", "tensor"]
+
+
 class DataConfig(_Section):
     dataset: Literal["imagefolder", "fashion_mnist"] = Field(
         "imagefolder", description="'imagefolder': ImageNet layout (class folders); 'fashion_mnist': idx files."
@@ -292,6 +296,12 @@ class DataConfig(_Section):
     split: Literal["train", "test"] = Field("train", description="Fashion-MNIST split (ignored for imagefolder).")
     max_samples: Integer | None = Field(None, ge=1, le=10**10, description="Use only the first N images (quick runs).")
     num_workers: Integer = Field(4, ge=0, le=256, description="DataLoader worker processes per training process.")
+    augment_backend: AugmentBackend = Field(
+        "pil",
+        description="Multi-crop pipeline. 'pil' (faithful default): PIL decode and the official PIL transforms; "
+        "'tensor': torchvision.io decode and transforms.v2 on uint8 tensors (blur stays PIL's), faster per "
+        "loader core, the same recipe with different random draws.",
+    )
 
 
 class CheckpointConfig(_Section):

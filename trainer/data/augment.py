@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
-from trainer.config import CropsConfig
+from trainer.config import AugmentBackend, CropsConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,7 +101,7 @@ class MultiCropAugmentation:
         return views
 
 
-Backend = Literal["pil", "tensor"]
+Backend = AugmentBackend  # the config's names for the pipelines built here
 
 
 class PilOnTensor:

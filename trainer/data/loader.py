@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from trainer.config import TrainConfig
-from trainer.data.augment import Backend, build_augmentation
+from trainer.data.augment import build_augmentation
 from trainer.data.datasets import DatasetError, ImageFolder, build_dataset
 
 
@@ -122,9 +122,11 @@ def _ignore_preemption_signals(_worker_id: int) -> None:
 
 
 def build_loader(
-    cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False, backend: Backend = "pil"
+    cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> tuple[DataLoader[tuple[list[torch.Tensor], int]], EpochBatchSampler]:
-    """The training stream; `backend` picks the decode + augmentation pipeline ('pil' is the official one)."""
+    """The training stream; `data.augment_backend` picks the decode + augmentation pipeline ('pil' is the
+    official one)."""
+    backend = cfg.data.augment_backend
     raw: Dataset[tuple[Any, int]] = build_dataset(cfg.data)
     if backend == "tensor" and isinstance(raw, ImageFolder):
         raw = TensorImageFolder(raw)
