@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of the trainer, as one script for a lent GPU machine (see README "Benchmarks").
 #   bash benchmarks/gpu_checks.sh OUT_DIR
-# 1. train_step benchmark: ViT-S/16 224, batch 64, bf16, DINO vs SelfPatch, images/s and MFU;
-# 2. the trainer end to end on CUDA with the faithful default precision (fp16 + GradScaler) and with bf16;
+# 1. train_step benchmark: ViT-S/16 224, batch 64, bf16 and fp16 + GradScaler, DINO vs SelfPatch, each as
+#    baseline (foreach AdamW, host loss check every step), fused (the defaults), compile=blocks and
+#    compile=full: images/s, peak memory, counted FLOPs and MFU, ratios to the baseline
+#    (STEP_VARIANTS=baseline,fused limits the variants, e.g. when device time is short);
+# 2. the trainer end to end on CUDA with the faithful default precision (fp16 + GradScaler), with bf16 and
+#    with compile=blocks;
 # 3. the tiny-preset sweep (benchmarks/tiny_preset_sweep.py) on the GPU.
 set -uo pipefail
 OUT="${1:-/tmp/gpu-out}"; mkdir -p "$OUT"
@@ -11,13 +15,16 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 echo "== train_step benchmark"
-"$PY" benchmarks/train_step.py --device cuda --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
-echo "== trainer on CUDA: fp16 + GradScaler (precision=auto) and bf16"
-for precision in auto bf16; do
-  "$PY" -m trainer --config tiny_cpu device=cuda precision=$precision optim.epochs=2 data.max_samples=1280 \
-    data.num_workers=8 logging.mlflow=false logging.log_every=10 checkpoint.output_dir=/tmp/gpu-$precision \
-    > "$OUT/trainer_$precision.log" 2>&1
-  echo "precision=$precision exit=$? $(tail -1 "$OUT/trainer_$precision.log")" | tee -a "$OUT/trainer.txt"
+"$PY" benchmarks/train_step.py --device cuda ${STEP_VARIANTS:+--variants "$STEP_VARIANTS"} \
+  --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
+echo "== trainer on CUDA: fp16 + GradScaler (precision=auto), bf16, and fp16 with compile=blocks"
+for run in "auto" "bf16" "auto compile=blocks"; do
+  set -- $run
+  name="${1}${2:+-compiled}"
+  "$PY" -m trainer --config tiny_cpu device=cuda precision=$1 ${2:-} optim.epochs=2 data.max_samples=1280 \
+    data.num_workers=8 logging.mlflow=false logging.log_every=10 checkpoint.output_dir=/tmp/gpu-$name \
+    > "$OUT/trainer_$name.log" 2>&1
+  echo "$run exit=$? $(tail -1 "$OUT/trainer_$name.log")" | tee -a "$OUT/trainer.txt"
 done
 echo "== tiny preset sweep"
 "$PY" benchmarks/tiny_preset_sweep.py --device cuda --workers 8 --steps "${SWEEP_STEPS:-300}" ${SWEEP_ONLY:+--only "$SWEEP_ONLY"} \
