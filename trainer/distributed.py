@@ -178,3 +178,48 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, Any]) -> None:
 
     with _allow_sharded_state_dict():
         set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order a plain `optimizer.state_dict()` numbers them."""
+    name_of = {param: name for name, param in model.named_parameters()}
+    return [name_of[param] for group in optimizer.param_groups for param in group["params"]]
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state in the plain `optimizer.state_dict()` layout (integer ids in param_groups order,
+    whole tensors on CPU), so ddp and fsdp checkpoints are interchangeable.
+
+    For an FSDP-sharded model this gathers every state tensor, so every rank must call it; only rank 0
+    gets the state (the others an empty dict).
+    """
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    with _allow_sharded_state_dict():
+        named: dict[str, Any] = dict(get_optimizer_state_dict(model, optimizer, options=options))  # by name
+    if not named.get("state") and not named.get("param_groups"):
+        return {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
+    state = {index[name]: named["state"][name] for name in sorted(named["state"], key=index.__getitem__)}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> None:
+    """Load a plain-layout optimizer state (a checkpoint's) into the optimizer of a sharded or plain model;
+    under FSDP every rank must call it with the whole state."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(dict(state))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
+    named: dict[str, Any] = {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
+    with _allow_sharded_state_dict():
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))

@@ -31,7 +31,17 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig
 from trainer.data.loader import build_loader
 from trainer.diagnostics import Collapse, CollapseDetector, ratios
-from trainer.distributed import DistInfo, any_flag, barrier, cleanup, init_distributed
+from trainer.distributed import (
+    DistInfo,
+    any_flag,
+    barrier,
+    cleanup,
+    full_optimizer_state_dict,
+    full_state_dict,
+    init_distributed,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+)
 from trainer.engine import Engine
 from trainer.files import LATEST, numbered_name, sha256_file
 from trainer.preemption import PreemptionFlag
@@ -207,9 +217,10 @@ def _train(
         state = load_checkpoint(latest, map_location="cpu")
         require_training_checkpoint(state, latest)
         _warn_config_change(state, cfg)
-        student.load_state_dict(strip_prefixes(state["student"]))
-        teacher.load_state_dict(strip_prefixes(state["teacher"]))
-        optimizer.load_state_dict(state["optimizer"])
+        # every rank loads the whole state; under FSDP each keeps its shards (plain load_state_dict otherwise)
+        load_full_state_dict(student, strip_prefixes(state["student"]))
+        load_full_state_dict(teacher, strip_prefixes(state["teacher"]))
+        load_full_optimizer_state_dict(student, optimizer, state["optimizer"])
         loss_fn.load_state_dict(state["dino_loss"])
         if scaler is not None and state.get("fp16_scaler"):
             scaler.load_state_dict(state["fp16_scaler"])
@@ -250,14 +261,18 @@ def _train(
     def save(kind: str, epoch_done: int, numbered: bool = False) -> CheckpointInfo | None:
         """Every rank reaches here; rank 0 writes checkpoint.pth (and a numbered copy)."""
         engine.check_finite()  # never save a state past a non-finite step (every rank stops here alike)
+        # under FSDP these gather the shards (collective: every rank, before rank 0 alone goes on); for a
+        # plain or DDP student they are the plain state_dict() calls, so every layout is the same
+        student_state, teacher_state = full_state_dict(student), full_state_dict(teacher)
+        optimizer_state = full_optimizer_state_dict(student, optimizer)
         if not info.is_main:
             return None
         state = {
             "format_version": FORMAT_VERSION,
             "method": cfg.method,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "student": student_state,
+            "teacher": teacher_state,
+            "optimizer": optimizer_state,
             "epoch": iteration // iters_per_epoch,
             "iteration": iteration,
             "config": cfg.model_dump(mode="json"),
