@@ -146,7 +146,13 @@ def submit(url: str, payload: dict[str, Any]) -> dict[str, Any]:
 def settled(url: str, path: str, timeout: float, what: str = "the job to end") -> dict[str, Any]:
     """Wait until the run or evaluation at `path` is terminal and return it."""
     terminal = ("succeeded", "failed", "cancelled")
-    found: dict[str, Any] = wait_for(lambda: (job := get(url, path))["status"] in terminal and job, timeout, what)
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = get(url, path)
+        return job if job["status"] in terminal else None
+
+    found = wait_for(ended, timeout, what)
+    assert found is not None
     return found
 
 
