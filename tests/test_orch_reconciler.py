@@ -423,6 +423,7 @@ def test_evaluations_that_name_no_launcher_go_to_the_eval_launcher(tmp_path: Pat
         run_id, checkpoint_id = _checkpointed_run(h)
         implicit, _ = _evaluate(h, run_id, checkpoint_id)
         explicit, _ = _evaluate(h, run_id, checkpoint_id, launcher="local", config="full")
-        assert (h.job(run_id).launcher, h.job(implicit).launcher, h.job(explicit).launcher) == ("local", "slurm", "local")
+        launchers = [h.job(job_id).launcher for job_id in (run_id, implicit, explicit)]
+        assert launchers == ["local", "slurm", "local"]
     finally:
         h.db.dispose()
