@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from evaluator.features import FeatureSet
 from tests.conftest import REPO, micro_overrides
 
 COMPOSITE_SOURCES = REPO / "data" / "composite-sources"
@@ -44,3 +45,12 @@ def composites(train: int = 6, val: int = 3, size: int = 96, seed: int = 0) -> P
     out = _ROOT / f"composites-{train}-{val}-{size}-{seed}"
     generate(COMPOSITE_SOURCES, out, {"train": train, "val": val}, size=size, seed=seed)
     return out
+
+
+def clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> FeatureSet:
+    """Features in well-separated Gaussian clusters, one per class (a probe's known answer)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.eye(classes, dim) * 10
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    features = centres[labels] + spread * torch.randn(len(labels), dim, generator=generator)
+    return FeatureSet(features, labels)

@@ -10,15 +10,8 @@ from evaluator.config import LbfgsConfig, LinearConfig
 from evaluator.features import FeatureSet
 from evaluator.linear import fit_logreg, lbfgs_probe
 from tests.conftest import FASHION_MNIST
+from tests.eval_support import clusters
 from trainer.presets import ConfigError
-
-
-def _clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> FeatureSet:
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.eye(classes, dim) * 10
-    labels = torch.arange(classes).repeat_interleave(n_per_class)
-    features = centres[labels] + spread * torch.randn(len(labels), dim, generator=generator)
-    return FeatureSet(features, labels)
 
 
 def _nuisance(n: int, seed: int, shuffle_labels: bool = False) -> FeatureSet:
@@ -35,7 +28,7 @@ def _nuisance(n: int, seed: int, shuffle_labels: bool = False) -> FeatureSet:
 
 
 def test_separable_features_reach_100_percent() -> None:
-    train, test = _clusters(40, 4, 8, 0.3, seed=0), _clusters(10, 4, 8, 0.3, seed=1)
+    train, test = clusters(40, 4, 8, 0.3, seed=0), clusters(10, 4, 8, 0.3, seed=1)
     result = lbfgs_probe(train, test, 4, LbfgsConfig())
     assert result["top1"] == 100.0 and result["top5"] == 100.0 and result["val_top1"] == 100.0
     assert result["l2"] in LbfgsConfig().l2_grid and result["val_images"] == 32.0
@@ -43,7 +36,7 @@ def test_separable_features_reach_100_percent() -> None:
 
 def test_fit_minimises_the_penalised_objective() -> None:
     """At the returned weights the gradient of mean CE + l2/2 ||W||^2 vanishes (autograd checks the closure)."""
-    data = _clusters(30, 3, 5, 2.0, seed=2)
+    data = clusters(30, 3, 5, 2.0, seed=2)
     cfg = LbfgsConfig(max_iter=500, tolerance_grad=1e-7, standardize=False)
     fit = fit_logreg(data.features, data.labels, 3, 1e-2, cfg)
     weight, bias = fit.weight.clone().requires_grad_(), fit.bias.clone().requires_grad_()
@@ -56,7 +49,7 @@ def test_fit_minimises_the_penalised_objective() -> None:
 
 def test_standardisation_is_folded_into_the_classifier() -> None:
     """The standardised fit, mapped back, scores raw features exactly like the fit on standardised inputs."""
-    data = _clusters(30, 3, 5, 2.0, seed=3)
+    data = clusters(30, 3, 5, 2.0, seed=3)
     scaled = FeatureSet(data.features * torch.tensor([1e3, 1.0, 1e-3, 5.0, 1.0]) + 7.0, data.labels)
     cfg = LbfgsConfig(max_iter=300, tolerance_grad=1e-7)
     raw = fit_logreg(data.features, data.labels, 3, 1e-3, cfg)
@@ -78,7 +71,7 @@ def test_strength_is_chosen_on_the_held_out_split_and_heavy_l2_loses() -> None:
 
 
 def test_same_features_give_the_same_numbers() -> None:
-    train, test = _clusters(50, 5, 16, 6.0, seed=4), _clusters(20, 5, 16, 6.0, seed=5)
+    train, test = clusters(50, 5, 16, 6.0, seed=4), clusters(20, 5, 16, 6.0, seed=5)
     first = lbfgs_probe(train, test, 5, LbfgsConfig(), seed=3)
     second = lbfgs_probe(train, test, 5, LbfgsConfig(), seed=3)
     assert first == second

@@ -19,6 +19,7 @@ from evaluator.features import FeatureSet
 from evaluator.knn import knn_classify
 from evaluator.linear import cached_batches, train_linear
 from evaluator.segmentation import confusion_matrix, segmentation_metrics
+from tests.eval_support import clusters
 
 # ------------------------------------------------------------------------------------------------ COCO
 
@@ -193,17 +194,9 @@ def test_miou_counts_a_class_that_is_predicted_but_absent() -> None:
 # ---------------------------------------------------------------------------------------------- k-NN
 
 
-def _clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> FeatureSet:
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.eye(classes, dim) * 10
-    labels = torch.arange(classes).repeat_interleave(n_per_class)
-    features = centres[labels] + spread * torch.randn(len(labels), dim, generator=generator)
-    return FeatureSet(features, labels)
-
-
 def test_knn_on_separable_features_is_perfect() -> None:
-    train = _clusters(50, 5, 16, 0.5, seed=0)
-    test = _clusters(20, 5, 16, 0.5, seed=1)
+    train = clusters(50, 5, 16, 0.5, seed=0)
+    test = clusters(20, 5, 16, 0.5, seed=1)
     results = knn_classify(train, test, ks=(10, 20, 100, 200), num_classes=5)
     assert [r.k for r in results] == [10, 20, 100, 200]
     assert all(r.top1 == 100.0 and r.top5 == 100.0 for r in results)
@@ -265,8 +258,8 @@ def test_knn_matches_dinos_reference_implementation() -> None:
 
 
 def test_linear_probe_separates_separable_features_and_scales_lr() -> None:
-    train = _clusters(40, 4, 8, 0.3, seed=0)
-    test = _clusters(10, 4, 8, 0.3, seed=1)
+    train = clusters(40, 4, 8, 0.3, seed=0)
+    test = clusters(10, 4, 8, 0.3, seed=1)
     generator = torch.Generator().manual_seed(0)
     result = train_linear(
         lambda epoch: cached_batches(train, 32, generator),
