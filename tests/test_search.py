@@ -226,3 +226,35 @@ def test_the_job_runner_ends_stopped_when_asked_to_stop(tmp_path: Path) -> None:
     result = read_result(folder, 1)
     assert code == EXIT_COMPLETED and result is not None
     assert result.status == "stopped" and result.reason == "stopped early by ASHA after epoch 1 of 2"
+
+
+def test_asha_rungs_survive_a_restored_search(tmp_path: Path) -> None:
+    """Tune restores trials and the searcher but not the scheduler: the rungs come back from their file, so
+    the first trial to reach a rung after a restore is judged against the trials recorded before it."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.jobs.tune_trial import TRIAL_METRIC, ExplainedASHA
+
+    def asha() -> ExplainedASHA:
+        kwargs: dict[str, Any] = {"time_attr": "epoch", "max_t": 3, "grace_period": 1, "reduction_factor": 2}
+        scheduler = ExplainedASHA("train/loss", rungs_path=str(tmp_path / "rungs.json"), **kwargs)
+        scheduler.set_search_properties(TRIAL_METRIC, "min")
+        return scheduler
+
+    best, worse = SimpleNamespace(trial_id="best"), SimpleNamespace(trial_id="worse")
+    first = asha()
+    first.on_trial_add(None, best)
+    assert first.on_trial_result(None, best, {"epoch": 1, TRIAL_METRIC: 2.0}) == TrialScheduler.CONTINUE
+    saved = json.loads((tmp_path / "rungs.json").read_text())
+    assert {"best": -2.0} in [recorded for _, recorded in saved["brackets"][0]]
+
+    restored = asha()  # a new search process: its scheduler starts as Tune pickled it, empty
+    for trial in (best, worse):
+        restored.on_trial_add(None, trial)
+    assert restored.on_trial_result(None, worse, {"epoch": 1, TRIAL_METRIC: 5.0}) == TrialScheduler.STOP
+    forgetful = ExplainedASHA("train/loss", time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+    forgetful.set_search_properties(TRIAL_METRIC, "min")
+    forgetful.on_trial_add(None, worse)
+    assert forgetful.on_trial_result(None, worse, {"epoch": 1, TRIAL_METRIC: 5.0}) == TrialScheduler.CONTINUE

@@ -32,6 +32,8 @@ from orchestrator.jobs.reporter import Reporter
 log = logging.getLogger("orchestrator.jobs")
 PAYLOAD = ("sweep_id", "sweep_name", "search", "metric", "mode", "epochs", "trials_path", "tune_dir")
 EXPERIMENT = "tune"
+#: ASHA's rungs, beside the experiment: Tune does not save a scheduler's state, a restore needs them.
+RUNGS_FILE = "asha-rungs.json"
 
 
 def tune_domain(dimension: Any) -> Any:
@@ -104,6 +106,7 @@ def run(job: JobFile, folder: Path, attempt: int, heartbeat_s: float = 15.0) -> 
                     grace_period=min(search.asha.grace_period, epochs),
                     reduction_factor=search.asha.reduction_factor,
                     primary=context.metric,
+                    rungs_path=str(path.parent / RUNGS_FILE),
                 )
             tuner = tune.Tuner(
                 trainable,

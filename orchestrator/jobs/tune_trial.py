@@ -49,6 +49,7 @@ from orchestrator.launchers.tune import (
     mailbox,
     write_attempt,
 )
+from trainer.files import atomic_write_text
 
 log = logging.getLogger("orchestrator.jobs")
 #: The key every trial reports its objective under (the sweep's primary metric may contain `/`).
@@ -313,20 +314,59 @@ class TrialTrainable(Trainable):
 
 class ExplainedASHA(ASHAScheduler):
     """ASHA that says why: before a trial is stopped early, it leaves a stop request in the trial's folder
-    naming the rung, the trial's value and the rung's cutoff, so the run ends `stopped` with that reason."""
+    naming the rung, the trial's value and the rung's cutoff, so the run ends `stopped` with that reason.
 
-    def __init__(self, primary: str, **kwargs: Any) -> None:
+    It also keeps its rungs in `rungs_path` after every result: Tune saves trials and the searcher with the
+    experiment but not a scheduler's bookkeeping, so a restored search would otherwise judge the trials left
+    against empty rungs, and the first of them to arrive would always go on."""
+
+    def __init__(self, primary: str, rungs_path: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._primary = primary
         self._max_epochs = int(kwargs["max_t"])
+        self._rungs_path = rungs_path
+        self._rungs_loaded = False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load_rungs()  # a restore adds its trials again before any of them reports
+        super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         why = self._why(trial, result)
         decision: str = super().on_trial_result(tune_controller, trial, result)
+        self._save_rungs()
         epoch = int(result.get("epoch", 0))
         if decision == TrialScheduler.STOP and epoch < self._max_epochs and result.get("orch_folder"):
             request_stop(Path(str(result["orch_folder"])), why)
         return decision
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save_rungs()
+
+    def _save_rungs(self) -> None:
+        if self._rungs_path is None:
+            return
+        brackets = [
+            [[float(milestone), {str(k): float(v) for k, v in recorded.items()}] for milestone, recorded in b._rungs]
+            for b in self._brackets
+        ]
+        atomic_write_text(Path(self._rungs_path), json.dumps({"brackets": brackets, "stopped": self._num_stopped}))
+
+    def _load_rungs(self) -> None:
+        """The rungs as the previous search process left them (once per process; none on a first attempt)."""
+        if self._rungs_loaded or self._rungs_path is None:
+            return
+        self._rungs_loaded = True
+        try:
+            saved = json.loads(Path(self._rungs_path).read_text())
+        except (OSError, ValueError):
+            return
+        for bracket, rungs in zip(self._brackets, saved.get("brackets", []), strict=False):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs, strict=False):
+                if float(milestone) == float(saved_milestone):
+                    recorded.update({str(k): float(v) for k, v in saved_recorded.items()})
+        self._num_stopped = int(saved.get("stopped", 0))
 
     def _why(self, trial: Any, result: dict[str, Any]) -> str:
         epoch, value = int(result.get("epoch", 0)), float(result.get(TRIAL_METRIC, math.nan))
