@@ -10,14 +10,15 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
-from sqlalchemy.orm import Session, defer, selectinload
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Checkpoint, Event, Experiment, Job, Run
+from orchestrator.db.models import Attempt, Checkpoint, Event, Experiment, Job, Run
 from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import plan_final, plan_for_checkpoint
 from orchestrator.experiments import get_or_create_experiment
@@ -104,6 +105,72 @@ def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) ->
     return get_job(session, Run, run_id, "run", lock=lock)
 
 
+@dataclass(frozen=True, slots=True)
+class RunListItem:
+    """A run as lists show it: plain columns of one SELECT and its attempts, everything but the config.
+
+    Attribute names are the `Run` model's, so pages and REST read a list item as they read a run; building
+    no ORM objects makes a page of 50 several times cheaper than loading `Run`s with their relations."""
+
+    id: uuid.UUID
+    experiment_name: str
+    name: str
+    method: str
+    status: str
+    status_reason: str | None
+    launcher: str
+    resources: dict[str, Any]
+    config_hash: str
+    requeues: int
+    retry_of_id: uuid.UUID | None
+    sweep_id: uuid.UUID | None
+    arm: str | None
+    seed: int | None
+    output_dir: str
+    progress: dict[str, Any]
+    mlflow_run_id: str | None
+    mlflow_experiment_id: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    attempts: list[Row[Any]]
+
+
+JOBS, RUNS, ATTEMPTS, EXPERIMENTS = Job.__table__, Run.__table__, Attempt.__table__, Experiment.__table__
+_LISTED = (
+    JOBS.c.id,
+    EXPERIMENTS.c.name.label("experiment_name"),
+    *(RUNS.c[name] for name in ("name", "method")),
+    *(JOBS.c[name] for name in ("status", "status_reason", "launcher", "resources")),
+    *(RUNS.c[name] for name in ("config_hash",)),
+    JOBS.c.requeues,
+    *(RUNS.c[name] for name in ("retry_of_id", "sweep_id", "arm", "seed", "output_dir", "progress")),
+    JOBS.c.mlflow_run_id,
+    RUNS.c.mlflow_experiment_id,
+    *(JOBS.c[name] for name in ("created_by", "created_at", "updated_at", "started_at", "ended_at")),
+)
+_ATTEMPT_COLUMNS = tuple(
+    ATTEMPTS.c[name]
+    for name in (
+        "job_id",
+        "number",
+        "backend",
+        "backend_job_id",
+        "host",
+        "state",
+        "submitted_at",
+        "started_at",
+        "ended_at",
+        "exit_code",
+        "exit_reason",
+        "accelerators",
+        "accelerator_seconds",
+    )
+)
+
+
 def list_runs(
     session: Session,
     *,
@@ -114,23 +181,29 @@ def list_runs(
     method: str | None = None,
     launcher: str | None = None,
     sweep: uuid.UUID | None = None,
-) -> tuple[list[Run], str | None]:
-    # lists never show the config (the largest column by far): it is not even read
-    query = select(Run).options(
-        defer(Run.config, raiseload=True), selectinload(Run.attempts), selectinload(Run.experiment)
+) -> tuple[list[RunListItem], str | None]:
+    """Newest first: one SELECT of the listed columns (never the config), one for the page's attempts."""
+    query = select(*_LISTED).select_from(
+        JOBS.join(RUNS, RUNS.c.id == JOBS.c.id).join(EXPERIMENTS, EXPERIMENTS.c.id == RUNS.c.experiment_id)
     )
     if status:
-        query = query.where(Run.status.in_([s.value for s in status]))
+        query = query.where(JOBS.c.status.in_([s.value for s in status]))
     if method:
-        query = query.where(Run.method == method)
+        query = query.where(RUNS.c.method == method)
     if launcher:
-        query = query.where(Run.launcher == launcher)
+        query = query.where(JOBS.c.launcher == launcher)
     if sweep:
-        query = query.where(Run.sweep_id == sweep)
+        query = query.where(RUNS.c.sweep_id == sweep)
     if experiment:  # a filter: an experiment that does not exist has no runs
-        query = query.join(Experiment, Run.experiment_id == Experiment.id).where(Experiment.name == experiment)
-    query = page_after(query, Job.created_at, Job.id, page_token, uuid.UUID).limit(page_size + 1)
-    return page(list(session.scalars(query)), page_size)
+        query = query.where(EXPERIMENTS.c.name == experiment)
+    query = page_after(query, JOBS.c.created_at, JOBS.c.id, page_token, uuid.UUID).limit(page_size + 1)
+    rows, token = page(list(session.execute(query).all()), page_size)
+    attempts: dict[uuid.UUID, list[Row[Any]]] = {row.id: [] for row in rows}
+    if rows:
+        found = select(*_ATTEMPT_COLUMNS).where(ATTEMPTS.c.job_id.in_(list(attempts)))
+        for attempt in session.execute(found.order_by(ATTEMPTS.c.job_id, ATTEMPTS.c.number)).all():
+            attempts[attempt.job_id].append(attempt)
+    return [RunListItem(**row._mapping, attempts=attempts[row.id]) for row in rows], token
 
 
 @dataclass(frozen=True)

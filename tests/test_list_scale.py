@@ -7,12 +7,13 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from orchestrator.db.migrate import upgrade
-from orchestrator.db.models import Experiment, Run, utcnow
+from orchestrator.db.models import Attempt, Experiment, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.lifecycle import Status
 from orchestrator.runs import list_runs
@@ -128,3 +129,31 @@ def test_rest_list_items_carry_no_config(tmp_path: Any) -> None:
         filtered = client.get("/api/v1/runs?method=dino", headers=auth()).json()["items"]
         assert filtered == []
         assert client.get("/api/v1/runs?launcher=Bad;", headers=auth()).status_code == 422
+
+
+def test_a_page_is_two_selects_and_a_read_session_never_writes(db_url: str) -> None:
+    upgrade(db_url)
+    ids = seed(db_url)
+    db = Database(db_url)
+    try:
+        with db.transaction() as session:
+            session.add(Attempt(job_id=ids[-1], number=1, backend="local", state="ended", exit_code=0))
+        statements: list[str] = []
+        sa.event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lstrip().upper()))
+        with db.sessions() as session:
+            runs, token = list_runs(session, page_size=50, page_token=None)
+            if not db.url.startswith("sqlite"):  # reads autocommit: no BEGIN and ROLLBACK round trips
+                assert session.connection().connection.driver_connection.autocommit is True
+        assert len(runs) == 50 and token is not None and runs[0].id == ids[-1]
+        assert [(a.number, a.exit_code) for a in runs[0].attempts] == [(1, 0)] and runs[1].attempts == []
+        assert runs[0].experiment_name == "beta" and runs[0].progress == {}
+        assert [s.split()[0] for s in statements if not s.startswith("BEGIN")] == ["SELECT", "SELECT"]
+        with db.sessions() as session, pytest.raises(RuntimeError, match="read session"):
+            found = session.get(Run, ids[-1])
+            assert found is not None
+            found.name = "renamed"
+            session.flush()
+        with db.sessions() as session:
+            assert session.scalar(sa.select(Run.name).where(Run.id == ids[-1])) == f"r{COUNT - 1}"
+    finally:
+        db.dispose()

@@ -7,19 +7,20 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter
 from sqlalchemy import select
 
 from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
-from api.routes.jobs import add_job_routes, attempts_of
+from api.routes.jobs import add_job_routes
 from orchestrator.db.models import Checkpoint, Run
 from orchestrator.errors import InvalidInputError
 from orchestrator.jobs.kinds import job_spec
 from orchestrator.launchers.base import LauncherError
 from orchestrator.lifecycle import Status
 from orchestrator.mlflow_bridge import MlflowBridge
-from orchestrator.runs import get_run, list_runs, resolve_config, retry_run, submit_run
+from orchestrator.runs import RunListItem, get_run, list_runs, resolve_config, retry_run, submit_run
 from orchestrator.schemas import (
     CheckpointPublic,
     DryRun,
@@ -35,21 +36,17 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
-    return RunPublic(config=run.config, **_summary_fields(run, mlflow))
+    return RunPublic.model_validate({"config": run.config, **_summary_fields(run, mlflow)}, from_attributes=True)
 
 
-def run_summary(run: Run, mlflow: MlflowBridge) -> RunSummary:
-    """Never touches `run.config`: lists load runs with that column deferred."""
-    return RunSummary(**_summary_fields(run, mlflow))
-
-
-def _summary_fields(run: Run, mlflow: MlflowBridge) -> dict[str, Any]:
+def _summary_fields(run: Run | RunListItem, mlflow: MlflowBridge) -> dict[str, Any]:
+    """Never touches `run.config`: list items do not have it. Attempts are validated from their attributes."""
     return dict(
         id=run.id,
-        experiment=run.experiment.name,
+        experiment=run.experiment_name,
         name=run.name,
         method=run.method,
-        status=Status(run.status),
+        status=run.status,
         status_reason=run.status_reason,
         launcher=run.launcher,
         resources=run.resources,
@@ -66,8 +63,13 @@ def _summary_fields(run: Run, mlflow: MlflowBridge) -> dict[str, Any]:
         updated_at=run.updated_at,
         started_at=run.started_at,
         ended_at=run.ended_at,
-        attempts=attempts_of(run),
+        attempts=run.attempts,
     )
+
+
+#: A page of runs validated and serialized in one call (pydantic-core), returned as bytes: FastAPI would
+#: validate the page again against the response model.
+RUN_PAGE: TypeAdapter[Page[RunSummary]] = TypeAdapter(Page[RunSummary])
 
 
 def _dump(model: Any) -> dict[str, Any]:
@@ -142,7 +144,7 @@ def list_(
         str | None, Query(pattern=r"^[a-z]{1,32}$", description="Only runs on this launcher (local, slurm, ray, tune).")
     ] = None,
     sweep: Annotated[uuid.UUID | None, Query(description="Only the trials of this sweep (its id).")] = None,
-) -> Page[RunSummary]:
+) -> Response:
     runs, token = list_runs(
         session,
         page_size=page_size,
@@ -153,7 +155,9 @@ def list_(
         launcher=launcher,
         sweep=sweep,
     )
-    return Page[RunSummary](items=[run_summary(r, state.mlflow) for r in runs], next_page_token=token)
+    items = [_summary_fields(r, state.mlflow) for r in runs]
+    listed = RUN_PAGE.validate_python({"items": items, "next_page_token": token}, from_attributes=True)
+    return Response(RUN_PAGE.dump_json(listed), media_type="application/json")
 
 
 @router.get("/{run_id}", response_model=RunPublic, summary="Show one run with its attempts")

@@ -32,7 +32,7 @@ from orchestrator.db.models import Checkpoint, Evaluation, Event, Job, Run, Swee
 from orchestrator.errors import NotFoundError
 from orchestrator.lifecycle import Status
 from orchestrator.pages import page, page_after
-from orchestrator.runs import config_diff, get_run, list_runs, retry_run
+from orchestrator.runs import RunListItem, config_diff, get_run, list_runs, retry_run
 from orchestrator.strict import ExperimentName
 from orchestrator.sweeps.service import get_sweep, report_for, report_plots, sweep_public
 from trainer.config import Method, flatten
@@ -74,11 +74,11 @@ def mlflow_link(experiment_id: str | None, run_id: str | None, tab: str = "") ->
     return f"/mlflow/#/experiments/{experiment_id}/runs/{run_id}{'/' + tab if tab else ''}"
 
 
-def accelerator_hours(run: Run) -> float:
+def accelerator_hours(run: Run | RunListItem) -> float:
     return sum(a.accelerator_seconds or 0.0 for a in run.attempts) / 3600
 
 
-def progress_of(run: Run) -> float | None:
+def progress_of(run: Run | RunListItem) -> float | None:
     total = run.progress.get("total_iterations")
     done = run.progress.get("iteration")
     if not total or done is None:
@@ -134,11 +134,11 @@ def logout(_user: Actor) -> Response:
 # ---- runs ----
 
 
-def _run_rows(state: AppState, runs: list[Run]) -> list[dict[str, Any]]:
+def _run_rows(state: AppState, runs: list[RunListItem]) -> list[dict[str, Any]]:
     return [
         {
             "run": run,
-            "experiment": run.experiment.name,
+            "experiment": run.experiment_name,
             "progress": progress_of(run),
             "hours": accelerator_hours(run),
             "terminal": Status(run.status).terminal,

@@ -143,6 +143,11 @@ class Run(Job):
         back_populates="run", order_by="Checkpoint.step", cascade="all, delete-orphan"
     )
 
+    @property
+    def experiment_name(self) -> str:
+        """As a list item (`orchestrator.runs.RunListItem`) names it: pages read both alike."""
+        return self.experiment.name
+
 
 class Trial(Run):
     """A run of a sweep: one (arm, seed). Same table and job runner as any run; its kind adds the sweep's

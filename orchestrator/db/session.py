@@ -81,11 +81,22 @@ class FifoLock:
                 self._held = False
 
 
+def _refuse_writes(session: Session, _context: Any, _instances: Any) -> None:
+    """A read session never writes (on PostgreSQL it autocommits each statement): writes take `transaction()`."""
+    raise RuntimeError("a write on a read session: use Database.transaction() so it commits atomically")
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)  # reads
+        # reads: on PostgreSQL without BEGIN/ROLLBACK (two round trips per request saved; under READ COMMITTED
+        # each statement took its own snapshot anyway); on SQLite a deferred BEGIN keeps one WAL snapshot
+        reader = (
+            self.engine if url.startswith("sqlite") else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self.sessions = sessionmaker(reader, expire_on_commit=False)
+        event.listen(self.sessions, "before_flush", _refuse_writes)
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._writers = sessionmaker(writer, expire_on_commit=False)
         # SQLite: one writer at a time, queued in order (one process writes a database: see leader.py)
