@@ -33,6 +33,13 @@ def get_or_create_experiment(session: Session, name: str, description: str = "")
         return found
 
 
+def get_experiment_id(session: Session, name: str) -> uuid.UUID:
+    """The experiment's id, created on first use: one indexed SELECT of one column, no ORM object."""
+    table = Experiment.__table__
+    found: uuid.UUID | None = session.execute(select(table.c.id).where(table.c.name == name)).scalar()
+    return found if found is not None else get_or_create_experiment(session, name).id
+
+
 def create_experiment(session: Session, body: ExperimentCreate) -> Experiment:
     validate_policy(body.eval_policy)
     if session.scalar(select(Experiment.id).where(Experiment.name == body.name)) is not None:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Row, select
+from sqlalchemy import Row, insert, select
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Attempt, Checkpoint, Event, Experiment, Job, Run
+from orchestrator.db.models import Base, Checkpoint, Event, Job, Run, utcnow
 from orchestrator.errors import ConflictError, InvalidInputError
 from orchestrator.evaluations import plan_final, plan_for_checkpoint
-from orchestrator.experiments import get_or_create_experiment
+from orchestrator.experiments import get_experiment_id
 from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
 from orchestrator.jobs.kinds import Context, KindDefaults
 from orchestrator.jobs.records import get_job, record_event
@@ -62,49 +62,6 @@ def resolve_config(body: RunCreate) -> TrainConfig:
     return cfg
 
 
-def submit_run(
-    session: Session,
-    settings: Settings,
-    body: RunCreate,
-    actor: str,
-    model: type[Run] = Run,
-    reason: str = "submitted by user",
-    launcher: str | None = None,
-    **fields: Any,
-) -> Run:
-    """Record a queued run (or a trial of a sweep: `model=Trial` with its sweep, arm and seed)."""
-    cfg = resolve_config(body)
-    experiment = get_or_create_experiment(session, body.experiment)
-    run_id = uuid.uuid4()
-    folder = settings.runs_root / str(run_id)
-    run = model(
-        id=run_id,
-        experiment=experiment,
-        name=body.name or cfg.default_run_name(),
-        method=cfg.method,
-        config=cfg.model_dump(mode="json"),
-        config_hash=cfg.config_hash(),
-        launcher=launcher or body.launcher or settings.default_launcher,
-        resources=body.resources.model_dump(mode="json"),
-        status=Status.QUEUED.value,
-        folder=str(folder),
-        output_dir=str(train_dir(folder)),
-        progress={},
-        created_by=actor,
-        attempts=[],
-        **fields,
-    )
-    session.add(run)
-    session.flush()
-    submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
-    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value, **submitted)
-    return run
-
-
-def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:
-    return get_job(session, Run, run_id, "run", lock=lock)
-
-
 @dataclass(frozen=True, slots=True)
 class RunListItem:
     """A run as lists show it: plain columns of one SELECT and its attempts, everything but the config.
@@ -138,7 +95,8 @@ class RunListItem:
     attempts: list[Row[Any]]
 
 
-JOBS, RUNS, ATTEMPTS, EXPERIMENTS = Job.__table__, Run.__table__, Attempt.__table__, Experiment.__table__
+#: the tables themselves: lists and submissions are plain SQL of a few columns, not ORM units of work
+JOBS, RUNS, ATTEMPTS, EXPERIMENTS = (Base.metadata.tables[n] for n in ("jobs", "runs", "attempts", "experiments"))
 _LISTED = (
     JOBS.c.id,
     EXPERIMENTS.c.name.label("experiment_name"),
@@ -169,6 +127,78 @@ _ATTEMPT_COLUMNS = tuple(
         "accelerator_seconds",
     )
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SubmittedRun(RunListItem):
+    """A run just recorded, as its submitter reads it back: a list item with its config and folder."""
+
+    config: dict[str, Any]
+    folder: str
+    kind: str  # train, or trial for a run of a sweep
+
+
+def submit_run(
+    session: Session,
+    settings: Settings,
+    body: RunCreate,
+    actor: str,
+    model: type[Run] = Run,
+    reason: str = "submitted by user",
+    launcher: str | None = None,
+    **fields: Any,
+) -> SubmittedRun:
+    """Record a queued run (or a trial of a sweep: `model=Trial` with its sweep, arm and seed; a retry with
+    `retry_of_id`). Two Core INSERTs and the event: no ORM unit of work on the busiest write of the service."""
+    cfg = resolve_config(body)
+    session.flush()  # pending rows the run refers to (a sweep created in this transaction) go in first
+    experiment_id = get_experiment_id(session, body.experiment)
+    run_id = uuid.uuid4()
+    folder = settings.runs_root / str(run_id)
+    now = utcnow()
+    run = SubmittedRun(
+        id=run_id,
+        experiment_name=body.experiment,
+        name=body.name or cfg.default_run_name(),
+        method=cfg.method,
+        status=Status.QUEUED.value,
+        status_reason=None,
+        launcher=launcher or body.launcher or settings.default_launcher,
+        resources=body.resources.model_dump(mode="json"),
+        config_hash=cfg.config_hash(),
+        requeues=0,
+        retry_of_id=fields.get("retry_of_id"),
+        sweep_id=fields.get("sweep_id"),
+        arm=fields.get("arm"),
+        seed=fields.get("seed"),
+        output_dir=str(train_dir(folder)),
+        progress={},
+        mlflow_run_id=None,
+        mlflow_experiment_id=None,
+        created_by=actor,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        ended_at=None,
+        attempts=[],
+        config=cfg.model_dump(mode="json"),
+        folder=str(folder),
+        kind=str(model.__mapper__.polymorphic_identity),
+    )
+    unknown = set(fields) - {"retry_of_id", "sweep_id", "arm", "seed"}
+    if unknown:
+        raise TypeError(f"submit_run() got unknown run fields {sorted(unknown)}")
+    job_columns = ("id", "kind", "status", "launcher", "resources", "folder", "created_by", "created_at", "updated_at")
+    session.execute(insert(JOBS), [{c: getattr(run, c) for c in job_columns}])
+    run_columns = ("id", "name", "method", "config", "config_hash", "output_dir", "progress", *sorted(fields))
+    session.execute(insert(RUNS), [{**{c: getattr(run, c) for c in run_columns}, "experiment_id": experiment_id}])
+    submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
+    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value, **submitted)
+    return run
+
+
+def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:
+    return get_job(session, Run, run_id, "run", lock=lock)
 
 
 def list_runs(
@@ -232,7 +262,7 @@ def config_diff(session: Session, run: Run) -> ConfigDiff:
     return ConfigDiff(against, [str(o) for o in data.get("overrides", [])], changed)
 
 
-def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run:
+def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> SubmittedRun:
     """A new run with the same config (terminal runs never change); links back with retry_of."""
     if not Status(run.status).terminal:
         raise ConflictError(f"run {run.id} is {run.status}; only finished runs can be retried (cancel it first)")
@@ -246,8 +276,7 @@ def retry_run(session: Session, settings: Settings, run: Run, actor: str) -> Run
         resources=Resources.model_validate(run.resources),
     )
     same: dict[str, Any] = {"sweep_id": run.sweep_id, "arm": run.arm, "seed": run.seed} if run.sweep_id else {}
-    new = submit_run(session, settings, body, actor, type(run), f"retry of {run.id}", None, **same)
-    new.retry_of_id = run.id
+    new = submit_run(session, settings, body, actor, type(run), f"retry of {run.id}", None, retry_of_id=run.id, **same)
     record_event(session, new, "retry", actor, f"retry of {run.id}", retry_of=str(run.id))
     return new
 

@@ -20,7 +20,7 @@ from orchestrator.jobs.kinds import job_spec
 from orchestrator.launchers.base import LauncherError
 from orchestrator.lifecycle import Status
 from orchestrator.mlflow_bridge import MlflowBridge
-from orchestrator.runs import RunListItem, get_run, list_runs, resolve_config, retry_run, submit_run
+from orchestrator.runs import RunListItem, SubmittedRun, get_run, list_runs, resolve_config, retry_run, submit_run
 from orchestrator.schemas import (
     CheckpointPublic,
     DryRun,
@@ -35,7 +35,7 @@ from trainer.config import Method
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
-def run_public(run: Run, mlflow: MlflowBridge) -> RunPublic:
+def run_public(run: Run | SubmittedRun, mlflow: MlflowBridge) -> RunPublic:
     return RunPublic.model_validate({"config": run.config, **_summary_fields(run, mlflow)}, from_attributes=True)
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, selectinload, with_polymorphic
 
-from orchestrator.db.models import Attempt, Event, Job, utcnow
+from orchestrator.db.models import Attempt, Base, Job, utcnow
 from orchestrator.errors import ConflictError, InvalidInputError, NotFoundError, ReportRefusedError
 from orchestrator.jobs.kinds import Context, handler
 from orchestrator.launchers.base import JobState, JobStatus
@@ -59,9 +59,19 @@ def lock_jobs(session: Session, ids: list[uuid.UUID]) -> list[Job]:
     return list(session.scalars(query))
 
 
+EVENTS = Base.metadata.tables["events"]
+
+
+class Identified(Protocol):
+    """What an event names: a job loaded as an ORM object, or a run just inserted without one."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
 def record_event(
     session: Session,
-    job: Job,
+    job: Identified,
     kind: str,
     actor: str,
     reason: str | None = None,
@@ -69,12 +79,12 @@ def record_event(
     from_status: str | None = None,
     to_status: str | None = None,
     **data: Any,
-) -> Event:
-    event = Event(
-        job_id=job.id, kind=kind, actor=actor, reason=reason, from_status=from_status, to_status=to_status, data=data
-    )
-    session.add(event)
-    return event
+) -> None:
+    """Append to the job's log at once, as plain SQL (events are never changed, so no ORM object is kept):
+    pending changes are flushed first, so the job it names, and what it reports, precede it."""
+    session.flush()
+    values = dict(job_id=job.id, kind=kind, actor=actor, reason=reason, from_status=from_status, to_status=to_status)
+    session.execute(insert(EVENTS), [{**values, "data": data, "at": utcnow()}])
 
 
 def transition(session: Session, job: Job, target: Status, actor: str, reason: str | None = None, **data: Any) -> None:

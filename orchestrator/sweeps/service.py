@@ -24,7 +24,7 @@ from orchestrator.evaluations import validate_policy
 from orchestrator.experiments import get_or_create_experiment
 from orchestrator.jobs.records import cancel, parse_uuid
 from orchestrator.lifecycle import TERMINAL, Status
-from orchestrator.runs import resolve_config, retry_run, submit_run
+from orchestrator.runs import SubmittedRun, resolve_config, retry_run, submit_run
 from orchestrator.schemas import EvalPolicy, RunCreate
 from orchestrator.settings import Settings
 from orchestrator.sweeps.search import create_search_job, search_of, validate_search
@@ -199,7 +199,7 @@ def cancel_sweep(session: Session, sweep: Sweep, actor: str) -> int:
     return stopped
 
 
-def retry_failed(session: Session, settings: Settings, sweep: Sweep, actor: str) -> list[Run]:
+def retry_failed(session: Session, settings: Settings, sweep: Sweep, actor: str) -> list[SubmittedRun]:
     """A new trial for every (arm, seed) whose latest trial failed or was cancelled; for a search, a new search
     job that restores the Tune experiment (its unfinished and errored trials continue)."""
     search = search_of(session, sweep)
