@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -25,16 +26,20 @@ Work = Callable[[Session], tuple[int, dict[str, Any]]]
 
 
 def request_fingerprint(body: Any) -> str:
+    """The request as the service validated it (a model is dumped as JSON first), hashed."""
+    if isinstance(body, BaseModel):
+        body = body.model_dump(mode="json")
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def idempotent_post(state: Any, principal: Any, request: Any, key: str | None, body: Any, work: Work) -> JSONResponse:
-    """`run_once` scoped to the caller and the path, with the service's TTL."""
+    """`run_once` scoped to the caller and the path, with the service's TTL (the body is fingerprinted only
+    when a key is given: nothing to compare it with otherwise)."""
     return run_once(
         state.db,
         scope=f"{principal.name}\nPOST\n{request.url.path}",
         key=key,
-        fingerprint=request_fingerprint(body),
+        fingerprint=request_fingerprint(body) if key is not None else "",
         ttl_s=state.settings.idempotency_ttl_s,
         work=work,
     )

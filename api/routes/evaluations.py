@@ -174,7 +174,7 @@ def create(
         evaluation, created = request(session, state.settings, run, checkpoint, body, "manual", f"api:{principal.name}")
         return (202 if created else 200), _dump(evaluation)
 
-    return idempotent_post(state, principal, request_, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(state, principal, request_, idempotency_key, body, work)
 
 
 @router.get("/benchmarks", summary="Benchmark definitions: name, version, configs and their hashes")

@@ -35,7 +35,7 @@ def create(
         data: dict[str, Any] = experiment_public(create_experiment(session, body)).model_dump(mode="json")
         return 201, data
 
-    return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(state, principal, request, idempotency_key, body, work)
 
 
 @router.get("", response_model=Page[ExperimentPublic], summary="List experiments, newest first")

@@ -122,7 +122,7 @@ def submit(
         run = submit_run(session, state.settings, body, principal.name)
         return 202, _dump(run_public(run, state.mlflow))
 
-    return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(state, principal, request, idempotency_key, body, work)
 
 
 @router.get(

@@ -87,7 +87,7 @@ def create(
         public = sweep_public(session, made.sweep, state.mlflow)
         return (201 if made.created else 200), _dump(SweepCreated(sweep=public, created=made.created, added=made.added))
 
-    return idempotent_post(state, principal, request, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(state, principal, request, idempotency_key, body, work)
 
 
 @router.get("", response_model=Page[SweepPublic], summary="List sweeps, newest first")

@@ -9,17 +9,22 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import from_json
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    """JSON columns are parsed by pydantic-core (several times faster than `json.loads`, same values: a page of
+    runs parses two JSON columns per row)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, json_deserializer=from_json, **kwargs
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -44,7 +49,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     options: dict[str, Any] = {"pool_pre_ping": False, "pool_recycle": 1800}
     if "poolclass" not in kwargs:
         options.update(pool_size=10, max_overflow=20)
-    return create_engine(url, **options, **kwargs)
+    return create_engine(url, json_deserializer=from_json, **options, **kwargs)
 
 
 class FifoLock:
