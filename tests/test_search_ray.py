@@ -80,7 +80,12 @@ def test_a_ray_tune_search_stops_trials_early_and_survives_a_killed_driver(servi
         cells = [c for c in state["trials"] if c["status"] == "running" and c["primary"] is not None]
         return cells[0] if cells else None
 
-    trial = wait_for(first_trial_mid_run, 600, "a trial to report its first epoch")
+    try:
+        trial = wait_for(first_trial_mid_run, 600, "a trial to report its first epoch")
+    except AssertionError as exc:  # the evidence of a search that never got going: its state and driver log
+        state = get(service.url, f"/sweeps/{sweep['id']}")
+        driver = httpx.get(f"{service.url}/api/v1/searches/{search['id']}/logs", headers=auth(), timeout=60).text
+        raise AssertionError(f"{exc}\nsweep: {state}\nsearch driver log (tail):\n{driver[-6000:]}") from exc
     experiment = Path(service.settings.home).resolve() / "sweeps" / sweep["id"] / "tune"
 
     def saved_with_the_trial() -> bool:  # Tune's experiment state already knows the running trial
