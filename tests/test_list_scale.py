@@ -145,6 +145,9 @@ def test_a_page_is_two_selects_and_a_read_session_never_writes(db_url: str) -> N
             if not db.url.startswith("sqlite"):  # reads autocommit: no BEGIN and ROLLBACK round trips
                 assert session.connection().connection.driver_connection.autocommit is True
         assert len(runs) == 50 and token is not None and runs[0].id == ids[-1]
+        if not db.url.startswith("sqlite"):  # the pooled connection the read used is transactional again
+            with db.transaction() as session:
+                assert session.connection().connection.driver_connection.autocommit is False
         assert [(a.number, a.exit_code) for a in runs[0].attempts] == [(1, 0)] and runs[1].attempts == []
         assert runs[0].experiment_name == "beta" and runs[0].progress == {}
         assert [s.split()[0] for s in statements if not s.startswith("BEGIN")] == ["SELECT", "SELECT"]
