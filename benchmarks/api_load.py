@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -22,9 +23,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import sqlalchemy as sa
 
@@ -34,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from orchestrator.db.migrate import upgrade  # noqa: E402
 
 TOKEN = "bench-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BODY = {"experiment": "bench", "preset": "tiny_cpu", "overrides": ["optim.epochs=1"], "launcher": "dryrun"}
 PG_ADMIN = os.environ.get("ORCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -46,61 +51,84 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def send(client: httpx.AsyncClient, method: str) -> httpx.Response:
-    """One request of a row: POST or GET /runs on our service, or MLFLOW: runs/create on MLflow's server."""
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    if method == "POST":
-        return await client.post("/api/v1/runs", json=BODY, headers=headers)
-    if method == "MLFLOW":
-        return await client.post("/api/2.0/mlflow/runs/create", json={"experiment_id": "0"})
-    return await client.get("/api/v1/runs", params={"page_size": 50}, headers=headers)
+#: The requests of each row, encoded once: (method, path, body, headers).
+REQUESTS: dict[str, tuple[str, str, bytes | None, dict[str, str]]] = {
+    "POST": ("POST", "/api/v1/runs", json.dumps(BODY).encode(), {**AUTH, "Content-Type": "application/json"}),
+    "GET": ("GET", "/api/v1/runs?page_size=50", None, AUTH),
+    "MLFLOW": ("POST", "/api/2.0/mlflow/runs/create", b'{"experiment_id": "0"}', {"Content-Type": "application/json"}),
+}
+Send = Callable[[str], Awaitable[int]]
 
 
-async def load(url: str, method: str, total: int, clients: int) -> tuple[float, list[float], int]:
+@asynccontextmanager
+async def http_client(kind: str, url: str, connections: int) -> AsyncIterator[Send]:
+    """The load generator: `send(row)` makes one request of that row and returns its status. aiohttp by default:
+    its CPU per request is a fraction of httpx's, and client, servers and database share the cores here, so
+    a heavier client would bound every server's throughput alike. `--client httpx` compares with older tables."""
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=min(connections, 100))
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+            async def send_httpx(row: str) -> int:
+                method, path, body, headers = REQUESTS[row]
+                return (await client.request(method, path, content=body, headers=headers)).status_code
+
+            yield send_httpx
+        return
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+        async def send_aiohttp(row: str) -> int:
+            method, path, body, headers = REQUESTS[row]
+            async with session.request(method, path, data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        yield send_aiohttp
+
+
+async def load(client: str, url: str, row: str, total: int, clients: int) -> tuple[float, list[float], int]:
     """`total` requests from `clients` concurrent connections; returns wall seconds, latencies, errors."""
     latencies: list[float] = []
     errors = 0
     counter = iter(range(total))
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(send: Send) -> None:
         nonlocal errors
         for _ in counter:
             start = time.perf_counter()
-            response = await send(client, method)
+            status = await send(row)
             latencies.append(time.perf_counter() - start)
-            errors += response.status_code >= 400
+            errors += status >= 400
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with http_client(client, url, clients) as send:
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(send) for _ in range(clients)))
         return time.perf_counter() - start, latencies, errors
 
 
-async def open_loop(url: str, method: str, rate: float, duration: float) -> tuple[float, list[float], int]:
+async def open_loop(client: str, url: str, row: str, rate: float, duration: float) -> tuple[float, list[float], int]:
     """Arrivals at a fixed rate whatever the server does (no coordinated omission): each request's latency
     counts from its scheduled arrival, so a server that falls behind shows its queue in the tail."""
     latencies: list[float] = []
     errors = 0
     total = int(rate * duration)
 
-    async def one(client: httpx.AsyncClient, due: float) -> None:
+    async def one(send: Send, due: float) -> None:
         nonlocal errors
         try:
-            response = await send(client, method)
-            errors += response.status_code >= 400
-        except httpx.HTTPError:
+            errors += await send(row) >= 400
+        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
             errors += 1
         latencies.append(time.perf_counter() - due)
 
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with http_client(client, url, 400) as send:
         start = time.perf_counter()
         tasks = []
         for i in range(total):
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(client, due)))
+            tasks.append(asyncio.create_task(one(send, due)))
         await asyncio.gather(*tasks)
         return time.perf_counter() - start, latencies, errors
 
@@ -209,12 +237,16 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: s
         upgrade(db_url)
         proc, url = serve(db_url, home)
         try:
-            asyncio.run(load(url, "POST", 20, 5))  # warm-up (imports, first connections)
+            asyncio.run(load(args.client, url, "POST", 20, 5))  # warm-up (imports, first connections)
             for method, total in (("POST", args.requests), ("GET", args.requests)):
-                seconds, latencies, errors, cpu = measured(proc.pid, load(url, method, total, args.clients))
+                seconds, latencies, errors, cpu = measured(
+                    proc.pid, load(args.client, url, method, total, args.clients)
+                )
                 rows.append(row(name, f"{method} /runs", total / seconds, latencies, errors, cpu / total))
             for method in ("POST", "GET"):
-                seconds, latencies, errors, cpu = measured(proc.pid, open_loop(url, method, args.rate, args.duration))
+                seconds, latencies, errors, cpu = measured(
+                    proc.pid, open_loop(args.client, url, method, args.rate, args.duration)
+                )
                 what = f"{method} /runs open loop {args.rate:.0f}/s"
                 rows.append(row(name, what, len(latencies) / seconds, latencies, errors, cpu / len(latencies)))
         finally:
@@ -222,12 +254,16 @@ def bench_backend(name: str, db_url: str, args: argparse.Namespace, mlflow_db: s
         if mlflow_db is not None:
             proc, url = mlflow_server(mlflow_db, home)
             try:
-                asyncio.run(load(url, "MLFLOW", 20, 5))
-                seconds, latencies, errors, cpu = measured(proc.pid, load(url, "MLFLOW", args.requests, args.clients))
+                asyncio.run(load(args.client, url, "MLFLOW", 20, 5))
+                seconds, latencies, errors, cpu = measured(
+                    proc.pid, load(args.client, url, "MLFLOW", args.requests, args.clients)
+                )
                 rows.append(
                     row(name, "MLflow runs/create", args.requests / seconds, latencies, errors, cpu / args.requests)
                 )
-                seconds, latencies, errors, cpu = measured(proc.pid, open_loop(url, "MLFLOW", args.rate, args.duration))
+                seconds, latencies, errors, cpu = measured(
+                    proc.pid, open_loop(args.client, url, "MLFLOW", args.rate, args.duration)
+                )
                 what = f"MLflow runs/create open loop {args.rate:.0f}/s"
                 rows.append(row(name, what, len(latencies) / seconds, latencies, errors, cpu / len(latencies)))
             finally:
@@ -253,6 +289,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rate", type=float, default=100.0, help="Open loop: arrivals per second.")
     parser.add_argument("--duration", type=float, default=10.0, help="Open loop: seconds of arrivals.")
+    parser.add_argument(
+        "--client", choices=("aiohttp", "httpx"), default="aiohttp", help="The load generator's HTTP client."
+    )
     parser.add_argument(
         "--mlflow",
         action=argparse.BooleanOptionalAction,
@@ -282,7 +321,7 @@ def main() -> int:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     print(
         f"{args.clients} concurrent clients, {args.requests} requests per row, one uvicorn worker, "
-        f"{os.cpu_count()} CPU cores shared by client and server"
+        f"{os.cpu_count()} CPU cores shared by client and server, client: {args.client}"
     )
     print("| backend | what | req/s | p50 ms | p99 ms | server CPU ms/req | errors |")
     print("|---|---|---:|---:|---:|---:|---:|")
