@@ -9,6 +9,7 @@ else `~/.orchestrator/admin.token`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -119,7 +120,12 @@ def serve(
     except DatabaseBusyError as exc:
         fail(str(exc))
     try:
-        uvicorn.run(create_app(settings, run_reconciler=reconciler), host=host, port=port, **logs)
+        app = create_app(settings, run_reconciler=reconciler)
+        # what start-up built (modules, the app) lives as long as the process: out of the collector's sight,
+        # full collections under load scan only request garbage (a page's p99 at 100 requests/s: 47-74 -> 7 ms)
+        gc.collect()
+        gc.freeze()
+        uvicorn.run(app, host=host, port=port, **logs)
     finally:
         claim.release()
 
