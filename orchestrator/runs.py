@@ -153,6 +153,9 @@ def submit_run(
 ) -> SubmittedRun:
     """Record a queued run (or a trial of a sweep: `model=Trial` with its sweep, arm and seed; a retry with
     `retry_of_id`). Two Core INSERTs and the event: no ORM unit of work on the busiest write of the service."""
+    unknown = set(fields) - {"retry_of_id", "sweep_id", "arm", "seed"}
+    if unknown:
+        raise TypeError(f"submit_run() got unknown run fields {sorted(unknown)}")
     cfg = resolve_config(body)
     session.flush()  # pending rows the run refers to (a sweep created in this transaction) go in first
     experiment_id = get_experiment_id(session, body.experiment)
@@ -188,9 +191,6 @@ def submit_run(
         folder=str(folder),
         kind=str(model.__mapper__.polymorphic_identity),
     )
-    unknown = set(fields) - {"retry_of_id", "sweep_id", "arm", "seed"}
-    if unknown:
-        raise TypeError(f"submit_run() got unknown run fields {sorted(unknown)}")
     job_columns = ("id", "kind", "status", "launcher", "resources", "folder", "created_by", "created_at", "updated_at")
     session.execute(insert(JOBS), [{c: getattr(run, c) for c in job_columns}])
     run_columns = ("id", "name", "method", "config", "config_hash", "output_dir", "progress", *sorted(fields))

@@ -3,6 +3,7 @@ service's REST calls, credentials, and the one `wait_for`. Fixtures live in conf
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import site
 import socket
@@ -96,6 +97,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def run_ranks(target: Callable[..., None], args_of: Callable[[int, int], tuple[Any, ...]], world: int = 2) -> list[int]:
+    """Start `world` spawned processes `target(*args_of(rank, port))` on one free rendezvous port and return
+    their exit codes; a rank still running after 300 s (a hung collective) is killed, not left behind."""
+    spawn, port = multiprocessing.get_context("spawn"), free_port()
+    workers = [spawn.Process(target=target, args=args_of(rank, port)) for rank in range(world)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    return [int(worker.exitcode if worker.exitcode is not None else -1) for worker in workers]
 
 
 def make_settings(home: Path, db_url: str, tracking_uri: str | None = None, **extra: Any) -> Settings:

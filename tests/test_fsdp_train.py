@@ -6,14 +6,13 @@ if the gathered student, teacher and optimizer state go back into the shards unc
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support import free_port, micro_overrides
+from tests.support import micro_overrides, run_ranks
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import DistInfo
 from trainer.engine import Engine
@@ -30,15 +29,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
 
 def _run_two_processes(output_dir: Path, *extra: str) -> None:
     overrides = micro_overrides(output_dir, "selfpatch", "distributed.strategy=fsdp", "optim.batch_size_per_gpu=4")
-    spawn, port = multiprocessing.get_context("spawn"), free_port()
-    workers = [spawn.Process(target=_worker, args=(rank, 2, port, [*overrides, *extra])) for rank in (0, 1)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-        if worker.is_alive():  # a hung collective: do not leave it behind
-            worker.kill()
-    assert [worker.exitcode for worker in workers] == [0, 0], extra
+    assert run_ranks(_worker, lambda rank, port: (rank, 2, port, [*overrides, *extra])) == [0, 0], extra
 
 
 @pytest.mark.slow  # two processes train together, three times

@@ -6,7 +6,6 @@ is checked against it on identical inputs (values to ~1e-6 relative, gradients t
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.support import free_port, micro_overrides
+from tests.support import micro_overrides, run_ranks
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, full_state_dict, is_sharded, load_full_state_dict
 from trainer.engine import Engine
@@ -274,18 +273,8 @@ def test_fsdp_step_equals_the_ddp_step_on_two_cpu_processes(tmp_path: Path) -> N
     unsharded checkpoint layout, and a sharded model that refuses a shards-only state_dict()."""
     results = {}
     for strategy in ("ddp", "fsdp"):
-        spawn = multiprocessing.get_context("spawn")
-        port = free_port()
-        workers = [
-            spawn.Process(target=_distributed_worker, args=(rank, 2, strategy, port, str(tmp_path))) for rank in (0, 1)
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=300)
-            if worker.is_alive():  # a hung collective: do not leave it behind
-                worker.kill()
-        assert [worker.exitcode for worker in workers] == [0, 0], strategy
+        codes = run_ranks(_distributed_worker, lambda rank, port, s=strategy: (rank, 2, s, port, str(tmp_path)))
+        assert codes == [0, 0], strategy
         results[strategy] = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
     ddp, fsdp = results["ddp"], results["fsdp"]
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-6)
