@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from tests.conftest import micro_overrides
+from tests.support import run_ranks
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, StopVote
 from trainer.engine import Engine, NonFiniteLossError, StepValues
 from trainer.optim import build_optimizer, ema_update, masked_step, param_groups, set_schedule_values
 from trainer.presets import load_config
@@ -226,3 +227,33 @@ def test_speed_options_default_to_eager_and_leave_the_config_hash_alone() -> Non
     assert (base.compile, base.optim.fused, base.optim.finite_check) == ("off", "auto", "deferred")
     fast = load_config("tiny_cpu", ["compile=blocks", "optim.fused=foreach", "optim.finite_check=step"])
     assert fast.config_hash() == base.config_hash()
+
+
+def _voter(rank: int, port: int, raised_at: int, results: Any) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    vote = StopVote(DistInfo(rank, 2, rank))
+    seen = [vote(rank == 1 and step >= raised_at, rank == 0 and step == 0) for step in range(6)]
+    results[rank] = (seen, vote.settle())
+    dist.destroy_process_group()
+
+
+def test_the_stop_vote_reaches_every_rank_at_the_same_step_one_step_later() -> None:
+    """Rank 1 alone raises a flag at step 3: both ranks see it at step 4, none earlier; a flag raised once
+    counts once; the vote still in flight is settled before leaving the group."""
+    import multiprocessing
+
+    manager = multiprocessing.get_context("spawn").Manager()
+    results = manager.dict()
+    assert run_ranks(_voter, lambda rank, port: (rank, port, 3, results)) == [0, 0]
+    expected = [(False, False), (False, True), (False, False), (False, False), (True, False), (True, False)]
+    assert results[0] == results[1] == (expected, (True, False))
+
+
+def test_in_one_process_the_flags_count_at_once() -> None:
+    vote = StopVote(DistInfo())
+    assert vote(True, False) == (True, False) and vote.settle() is None

@@ -74,13 +74,39 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if any rank raised the flag (so all ranks stop at the same step)."""
-    if not info.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor)
-    return bool(tensor.item() > 0)
+class StopVote:
+    """Whether any rank asked to stop, agreed by every rank without stalling the device stream.
+
+    Each step posts this rank's flags to an asynchronous all-reduce on a CPU (gloo) group and reads the
+    vote it posted one step earlier: every rank acts on the same vote at the same step, one step after a
+    flag was raised, and no step waits for the GPU to drain (reducing a CUDA tensor and reading it with
+    `.item()` every step would). In one process the flags count at once.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.enabled = info.enabled
+        self._group: Any = None
+        if self.enabled and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, *flags: bool) -> tuple[bool, ...]:
+        """Post this step's flags; return the vote of the step before (all False on the first step)."""
+        if not self.enabled:
+            return flags
+        decided = self.settle()
+        posted = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+        self._pending = (dist.all_reduce(posted, group=self._group, async_op=True), posted)
+        return decided if decided is not None else tuple(False for _ in flags)
+
+    def settle(self) -> tuple[bool, ...] | None:
+        """Wait for the vote in flight, if any (before leaving the process group), and return it."""
+        if self._pending is None:
+            return None
+        work, posted = self._pending
+        self._pending = None
+        work.wait()
+        return tuple(bool(value > 0) for value in posted.tolist())
 
 
 def barrier(info: DistInfo) -> None:

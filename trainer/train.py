@@ -33,7 +33,7 @@ from trainer.data.loader import build_loader
 from trainer.diagnostics import Collapse, CollapseDetector, ratios
 from trainer.distributed import (
     DistInfo,
-    any_flag,
+    StopVote,
     barrier,
     cleanup,
     full_optimizer_state_dict,
@@ -311,6 +311,7 @@ def _train(
     )
     collapsed: Collapse | None = None
     start_time = time.time()
+    vote = StopVote(info)
     with PreemptionFlag() as preemption:
         start_epoch = iteration // iters_per_epoch
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -376,12 +377,12 @@ def _train(
                     if interactive:
                         batches.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
 
-                # with collapse.stop, every rank learns of rank 0's finding and stops at the same step
-                if cfg.collapse.stop and any_flag(collapsed is not None, info, device):
+                # every rank learns of a signal, or of rank 0's collapse finding, and stops at the same step
+                collapse_voted, stop_requested = vote(cfg.collapse.stop and collapsed is not None, preemption.requested)
+                if collapse_voted:
                     reason = collapsed.reason() if collapsed is not None else "collapsed (found by rank 0)"
                     result_status = "collapsed"
                     break
-                stop_requested = any_flag(preemption.requested, info, device)
                 if stop_requested or (stop_at is not None and iteration >= stop_at):
                     reason = f"signal {preemption.signal_name}" if stop_requested else f"stop_at_step={stop_at}"
                     result_status = "interrupted"
@@ -407,6 +408,8 @@ def _train(
                     **epoch_stats,
                 }
             )
+
+    vote.settle()  # the last vote in flight, before any other collective
 
     # ============ finish ============
     checkpoint_path: Path | None = latest if latest.exists() else None
