@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import uuid
+import weakref
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,11 +36,37 @@ def get_or_create_experiment(session: Session, name: str, description: str = "")
         return found
 
 
+#: Committed experiment ids by database engine and name. Experiments are never deleted or renamed, so an id
+#: once committed stays right; ids seen inside a transaction are staged in `session.info` and join the cache
+#: only when that transaction commits (a rolled-back creation must not be remembered).
+_COMMITTED_IDS: weakref.WeakKeyDictionary[Engine, dict[str, uuid.UUID]] = weakref.WeakKeyDictionary()
+_STAGED = "orchestrator.experiment_ids"
+
+
 def get_experiment_id(session: Session, name: str) -> uuid.UUID:
-    """The experiment's id, created on first use: one indexed SELECT of one column, no ORM object."""
+    """The experiment's id, created on first use; a name seen in a committed transaction costs no query."""
+    engine = session.get_bind()
+    committed = _COMMITTED_IDS.get(engine) if isinstance(engine, Engine) else None
+    if committed is not None and name in committed:
+        return committed[name]
     table = Experiment.__table__
     found: uuid.UUID | None = session.execute(select(table.c.id).where(table.c.name == name)).scalar()
-    return found if found is not None else get_or_create_experiment(session, name).id
+    if found is None:
+        found = get_or_create_experiment(session, name).id
+    if isinstance(engine, Engine):
+        session.info.setdefault(_STAGED, {})[name] = (engine, found)
+    return found
+
+
+@event.listens_for(Session, "after_commit")
+def _remember_committed_ids(session: Session) -> None:
+    for name, (engine, ident) in session.info.pop(_STAGED, {}).items():
+        _COMMITTED_IDS.setdefault(engine, {})[name] = ident
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_staged_ids(session: Session, previous_transaction: Any) -> None:
+    session.info.pop(_STAGED, None)  # a savepoint's too: what it created is gone, and re-reading is cheap
 
 
 def create_experiment(session: Session, body: ExperimentCreate) -> Experiment:

@@ -36,7 +36,14 @@ from orchestrator.settings import Settings
 from orchestrator.strict import Count, FilePath, Reason
 from trainer.config import TrainConfig, flatten
 from trainer.files import LATEST, sha256_file
-from trainer.presets import ConfigError, apply_overrides, read_yaml, resolve_preset, validate_config
+from trainer.presets import (
+    ConfigError,
+    apply_overrides,
+    preset_version,
+    read_yaml,
+    resolve_preset,
+    validate_config,
+)
 
 
 def resolve_config(body: RunCreate) -> TrainConfig:
@@ -61,6 +68,42 @@ def resolve_config(body: RunCreate) -> TrainConfig:
     if not cfg.data.path.is_absolute():  # jobs run in their run folder: pin data to the service's directory
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": cfg.data.path.resolve()})})
     return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig:
+    """A validated config and what a submission records of it (read-only: it may be shared)."""
+
+    config: TrainConfig
+    config_hash: str
+    as_json: dict[str, Any]
+    run_name: str
+
+
+_RESOLVED: dict[tuple[Any, ...], ResolvedConfig] = {}
+
+
+def resolve_submission(body: RunCreate) -> ResolvedConfig:
+    """`resolve_config`, remembered for preset requests per (preset files' version, overrides, working
+    directory, which relative data paths resolve against): a sweep or a busy lab submits the same few again
+    and again, and validating, dumping and hashing cost a tenth of a submit's CPU. A full config is resolved
+    every time (nothing to share)."""
+    key: tuple[Any, ...] | None = None
+    if body.preset is not None and body.config is None:
+        try:
+            key = (preset_version(resolve_preset(body.preset)), tuple(body.overrides), str(Path.cwd()))
+        except (ConfigError, OSError):
+            key = None  # resolve_config reports it, naming the field
+        found = _RESOLVED.get(key) if key is not None else None
+        if found is not None:
+            return found
+    cfg = resolve_config(body)
+    resolved = ResolvedConfig(cfg, cfg.config_hash(), cfg.model_dump(mode="json"), cfg.default_run_name())
+    if key is not None:
+        if len(_RESOLVED) >= 1024:  # bounded: distinct override lists are user input
+            _RESOLVED.clear()
+        _RESOLVED[key] = resolved
+    return resolved
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +199,8 @@ def submit_run(
     unknown = set(fields) - {"retry_of_id", "sweep_id", "arm", "seed"}
     if unknown:
         raise TypeError(f"submit_run() got unknown run fields {sorted(unknown)}")
-    cfg = resolve_config(body)
+    resolved = resolve_submission(body)
+    cfg = resolved.config
     session.flush()  # pending rows the run refers to (a sweep created in this transaction) go in first
     experiment_id = get_experiment_id(session, body.experiment)
     run_id = uuid.uuid4()
@@ -165,13 +209,13 @@ def submit_run(
     run = SubmittedRun(
         id=run_id,
         experiment_name=body.experiment,
-        name=body.name or cfg.default_run_name(),
+        name=body.name or resolved.run_name,
         method=cfg.method,
         status=Status.QUEUED.value,
         status_reason=None,
         launcher=launcher or body.launcher or settings.default_launcher,
         resources=body.resources.model_dump(mode="json"),
-        config_hash=cfg.config_hash(),
+        config_hash=resolved.config_hash,
         requeues=0,
         retry_of_id=fields.get("retry_of_id"),
         sweep_id=fields.get("sweep_id"),
@@ -187,7 +231,7 @@ def submit_run(
         started_at=None,
         ended_at=None,
         attempts=[],
-        config=cfg.model_dump(mode="json"),
+        config=resolved.as_json,
         folder=str(folder),
         kind=str(model.__mapper__.polymorphic_identity),
     )

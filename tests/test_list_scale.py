@@ -1,10 +1,13 @@
-"""Run lists at scale: the cursor is a row-value index bound on both databases (checked with EXPLAIN), a walk
-through every page returns each run once in order, filters combine with it, and items carry no config."""
+"""Runs at scale: the cursor is a row-value index bound on both databases (checked with EXPLAIN), a walk
+through every page returns each run once in order, filters combine with it, items carry no config, and a
+submission to a known experiment writes its rows and reads nothing."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +19,8 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.db.models import Attempt, Experiment, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.lifecycle import Status
-from orchestrator.runs import list_runs
+from orchestrator.runs import list_runs, resolve_submission, submit_run
+from orchestrator.schemas import RunCreate
 from tests.support import auth, make_settings
 
 COUNT = 1200
@@ -160,3 +164,57 @@ def test_a_page_is_two_selects_and_a_read_session_never_writes(db_url: str) -> N
             assert session.scalar(sa.select(Run.name).where(Run.id == ids[-1])) == f"r{COUNT - 1}"
     finally:
         db.dispose()
+
+
+def test_a_submission_to_a_committed_experiment_is_its_inserts_and_a_rolled_back_one_is_forgotten(
+    db_url: str, tmp_path: Any
+) -> None:
+    upgrade(db_url)
+    db = Database(db_url)
+    settings = make_settings(tmp_path / "home", db_url)
+    body = RunCreate(experiment=f"new-{uuid.uuid4().hex[:8]}", preset="tiny_cpu", launcher="dryrun")
+    try:
+        with pytest.raises(RuntimeError), db.transaction() as session:
+            submit_run(session, settings, body, "tester")
+            raise RuntimeError("the request fails after the experiment was created")
+        statements: list[str] = []
+        sa.event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lstrip().upper()))
+        with db.transaction() as session:
+            first = submit_run(session, settings, body, "tester")
+        assert any(s.startswith("INSERT INTO EXPERIMENTS") for s in statements)  # created again, not remembered
+        statements.clear()
+        with db.transaction() as session:
+            second = submit_run(session, settings, body, "tester")
+        written = [s.split("(")[0].strip() for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+        assert written == ["INSERT INTO JOBS", "INSERT INTO RUNS", "INSERT INTO EVENTS"], statements
+        with db.sessions() as session:
+            owners = session.execute(
+                sa.select(Run.experiment_id).where(Run.id.in_([first.id, second.id])).distinct()
+            ).scalars()
+            (owner,) = list(owners)
+            assert session.scalar(sa.select(Experiment.name).where(Experiment.id == owner)) == body.experiment
+    finally:
+        db.dispose()
+
+
+def test_a_preset_request_is_resolved_once_per_version_of_its_files(tmp_path: Path, monkeypatch: Any) -> None:
+    """Edits to a preset, or to the preset it extends, are seen at the next submission; nothing else is."""
+    import orchestrator.runs
+    import trainer.presets
+
+    for name in ("tiny_cpu", "scenes_cpu"):
+        shutil.copy(trainer.presets.preset_dir() / f"{name}.yaml", tmp_path / f"{name}.yaml")
+    (tmp_path / "tiny_cpu.yaml").write_text("_base_: scenes_cpu\noptim:\n  epochs: 2\n")
+    monkeypatch.setattr(trainer.presets, "preset_dir", lambda: tmp_path)
+    monkeypatch.setattr(orchestrator.runs, "_RESOLVED", {})
+    body = RunCreate(experiment="e", preset="tiny_cpu", overrides=["optim.lr=0.001"])
+    first = resolve_submission(body)
+    assert resolve_submission(body) is first and first.config.optim.epochs == 2 and first.config.optim.lr == 0.001
+    assert resolve_submission(body.model_copy(update={"overrides": ["optim.lr=0.002"]})).config.optim.lr == 0.002
+
+    base = (tmp_path / "scenes_cpu.yaml").read_text().replace("batch_size_per_gpu: 64", "batch_size_per_gpu: 128")
+    (tmp_path / "scenes_cpu.yaml").write_text(base)
+    second = resolve_submission(body)
+    assert second is not first and second.config.optim.batch_size_per_gpu == 128
+    assert second.config_hash == second.config.config_hash() != first.config_hash
+    assert second.as_json == second.config.model_dump(mode="json")

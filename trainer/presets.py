@@ -97,16 +97,21 @@ def resolve_preset(name_or_path: str | Path) -> Path:
 _PARSED: dict[tuple[str, int, int], Any] = {}
 
 
-def _parsed(path: Path) -> Any:
+def _parsed_shared(path: Path) -> Any:
     """A file's YAML, parsed once per (path, mtime, size): the service resolves a preset on every submit, and
-    parsing dominated a submit's CPU. Callers get a copy, so the cache never sees their edits."""
+    parsing dominated a submit's CPU. The cached object itself: read it, never change it."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _PARSED:
         if len(_PARSED) > 256:  # edited files leave stale keys behind; a bounded cache forgets them
             _PARSED.clear()
         _PARSED[key] = parse_yaml(path.read_text())
-    return copy.deepcopy(_PARSED[key])
+    return _PARSED[key]
+
+
+def _parsed(path: Path) -> Any:
+    """A copy of the file's cached YAML, so the cache never sees a caller's edits."""
+    return copy.deepcopy(_parsed_shared(path))
 
 
 def read_yaml(path: Path, _depth: int = 0) -> dict[str, Any]:
@@ -121,11 +126,33 @@ def read_yaml(path: Path, _depth: int = 0) -> dict[str, Any]:
     base = data.pop("_base_", None)
     if base is None:
         return data
+    return deep_merge(read_yaml(_base_path(path, base, _depth), _depth + 1), data)
+
+
+def _base_path(path: Path, base: Any, depth: int) -> Path:
     name = str(base).removesuffix(".yaml").removesuffix(".yml")
-    if PRESET_NAME.match(name) is None or "/" in name or _depth >= 8:
+    if PRESET_NAME.match(name) is None or "/" in name or depth >= 8:
         raise ConfigError(f"{path.name}: _base_ must name a preset (at most 8 deep), not {str(base)[:100]!r}")
     sibling = path.parent / f"{name}.yaml"
-    return deep_merge(read_yaml(sibling if sibling.is_file() else preset_path(name), _depth + 1), data)
+    return sibling if sibling.is_file() else preset_path(name)
+
+
+def preset_version(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of a preset file and of each preset it extends: what `read_yaml(path)` depends on,
+    so a cache keyed by it sees every edit."""
+    version: list[tuple[str, int, int]] = []
+    for depth in range(9):
+        stat = path.stat()
+        version.append((str(path), stat.st_mtime_ns, stat.st_size))
+        try:
+            data = _parsed_shared(path)
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"{path.name}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+        base = data.get("_base_") if isinstance(data, dict) else None
+        if base is None:
+            break
+        path = _base_path(path, base, depth)
+    return tuple(version)
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
