@@ -49,19 +49,29 @@ def decode_sequence(token: str) -> int:
     return int(token)
 
 
+def cursor_key(page_token: str, id_type: Callable[[str], Any]) -> tuple[datetime, Any]:
+    """The (created_at, id) a page token names; a 422 naming page_token if it is not one this service made."""
+    created, ident = decode_cursor(page_token)
+    try:
+        return created, id_type(ident)
+    except ValueError as exc:
+        raise InvalidInputError("page_token is not a token this service issued", field="page_token") from exc
+
+
+def newest_first(query: Select[Any], column_time: Any, column_id: Any, after: Any = None) -> Select[Any]:
+    """Order newest first, after the cursor `after` (a (time, id) pair of values or of bound parameters)."""
+    if after is not None:
+        # a row value, not `t < a OR (t = a AND id < b)`: only this form is an index bound (both databases)
+        query = query.where(tuple_(column_time, column_id) < tuple_(*after))
+    return query.order_by(column_time.desc(), column_id.desc())
+
+
 def page_after(
     query: Select[Any], column_time: Any, column_id: Any, page_token: str | None, id_type: Callable[[str], Any]
 ) -> Select[Any]:
     """Newest first; the cursor is the (created_at, id) of the last item of the previous page."""
-    if page_token:
-        created, ident = decode_cursor(page_token)
-        try:
-            key = id_type(ident)
-        except ValueError as exc:
-            raise InvalidInputError("page_token is not a token this service issued", field="page_token") from exc
-        # a row value, not `t < a OR (t = a AND id < b)`: only this form is an index bound (both databases)
-        query = query.where(tuple_(column_time, column_id) < tuple_(created, key))
-    return query.order_by(column_time.desc(), column_id.desc())
+    after = cursor_key(page_token, id_type) if page_token else None
+    return newest_first(query, column_time, column_id, after)
 
 
 def page(rows: list[Any], page_size: int) -> tuple[list[Any], str | None]:

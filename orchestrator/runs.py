@@ -7,6 +7,7 @@ writes (run, event, idempotency record) commit together or not at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Row, insert, select
+from sqlalchemy import Row, Select, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Base, Checkpoint, Event, Job, Run, utcnow
@@ -30,7 +31,7 @@ from orchestrator.jobs.train import TRAIN_DIR, train_dir
 from orchestrator.launchers import LAUNCHERS
 from orchestrator.launchers.base import Resources
 from orchestrator.lifecycle import RUN, Status
-from orchestrator.pages import page, page_after
+from orchestrator.pages import cursor_key, newest_first, page
 from orchestrator.schemas import JobReport, RunCreate
 from orchestrator.settings import Settings
 from orchestrator.strict import Count, FilePath, Reason
@@ -173,6 +174,11 @@ _ATTEMPT_COLUMNS = tuple(
         "accelerator_seconds",
     )
 )
+_ATTEMPTS_OF = (
+    select(*_ATTEMPT_COLUMNS)
+    .where(ATTEMPTS.c.job_id.in_(bindparam("ids", expanding=True)))
+    .order_by(ATTEMPTS.c.job_id, ATTEMPTS.c.number)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,28 +265,45 @@ def list_runs(
     launcher: str | None = None,
     sweep: uuid.UUID | None = None,
 ) -> tuple[list[RunListItem], str | None]:
-    """Newest first: one SELECT of the listed columns (never the config), one for the page's attempts."""
+    """Newest first: one SELECT of the listed columns (never the config), one for the page's attempts; both
+    statements are built once per combination of filters and reused with new parameters."""
+    params: dict[str, Any] = {"limit": page_size + 1}
+    if status:
+        params["status"] = [s.value for s in status]
+    for name, value in (("method", method), ("launcher", launcher), ("sweep", sweep), ("experiment", experiment)):
+        if value:
+            params[name] = value
+    if page_token:
+        params["after_time"], params["after_id"] = cursor_key(page_token, uuid.UUID)
+    rows, token = page(list(session.execute(_list_statement(frozenset(params)), params).all()), page_size)
+    attempts: dict[uuid.UUID, list[Row[Any]]] = {row.id: [] for row in rows}
+    if rows:
+        for attempt in session.execute(_ATTEMPTS_OF, {"ids": list(attempts)}).all():
+            attempts[attempt.job_id].append(attempt)
+    return [RunListItem(*row, attempts=attempts[row.id]) for row in rows], token  # type: ignore[misc]
+
+
+@functools.cache
+def _list_statement(given: frozenset[str]) -> Select[Any]:
+    """The list query for the parameters `given`, with bound parameters only: built (and its cache key
+    computed) once per combination, which is most of what building it on every request cost."""
     query = select(*_LISTED).select_from(
         JOBS.join(RUNS, RUNS.c.id == JOBS.c.id).join(EXPERIMENTS, EXPERIMENTS.c.id == RUNS.c.experiment_id)
     )
-    if status:
-        query = query.where(JOBS.c.status.in_([s.value for s in status]))
-    if method:
-        query = query.where(RUNS.c.method == method)
-    if launcher:
-        query = query.where(JOBS.c.launcher == launcher)
-    if sweep:
-        query = query.where(RUNS.c.sweep_id == sweep)
-    if experiment:  # a filter: an experiment that does not exist has no runs
-        query = query.where(EXPERIMENTS.c.name == experiment)
-    query = page_after(query, JOBS.c.created_at, JOBS.c.id, page_token, uuid.UUID).limit(page_size + 1)
-    rows, token = page(list(session.execute(query).all()), page_size)
-    attempts: dict[uuid.UUID, list[Row[Any]]] = {row.id: [] for row in rows}
-    if rows:
-        found = select(*_ATTEMPT_COLUMNS).where(ATTEMPTS.c.job_id.in_(list(attempts)))
-        for attempt in session.execute(found.order_by(ATTEMPTS.c.job_id, ATTEMPTS.c.number)).all():
-            attempts[attempt.job_id].append(attempt)
-    return [RunListItem(*row, attempts=attempts[row.id]) for row in rows], token  # type: ignore[misc]
+    if "status" in given:
+        query = query.where(JOBS.c.status.in_(bindparam("status", expanding=True)))
+    if "method" in given:
+        query = query.where(RUNS.c.method == bindparam("method"))
+    if "launcher" in given:
+        query = query.where(JOBS.c.launcher == bindparam("launcher"))
+    if "sweep" in given:
+        query = query.where(RUNS.c.sweep_id == bindparam("sweep", type_=RUNS.c.sweep_id.type))
+    if "experiment" in given:  # a filter: an experiment that does not exist has no runs
+        query = query.where(EXPERIMENTS.c.name == bindparam("experiment"))
+    after = None
+    if "after_time" in given:
+        after = (bindparam("after_time", type_=JOBS.c.created_at.type), bindparam("after_id", type_=JOBS.c.id.type))
+    return newest_first(query, JOBS.c.created_at, JOBS.c.id, after).limit(bindparam("limit"))
 
 
 @dataclass(frozen=True)
