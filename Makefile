@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo study test test-fast lint typecheck pytest services bench clean
+.PHONY: setup data demo study study-k test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: setup
 study: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_core_tiny
+
+# The k ablation at the same scale (about 2 h 10 min on 2 cores; rerun to resume): results/paper_k_tiny/
+study-k: setup
+	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
+	$(BIN)/orchestrator study paper_k_tiny
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
