@@ -11,13 +11,14 @@ import functools
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Row, Select, bindparam, insert, select
+from sqlalchemy import Row, Select, Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Base, Checkpoint, Event, Job, Run, utcnow
@@ -26,7 +27,7 @@ from orchestrator.evaluations import plan_final, plan_for_checkpoint
 from orchestrator.experiments import get_experiment_id
 from orchestrator.jobs.files import JobFile, JobFileError, JobResult, confined
 from orchestrator.jobs.kinds import Context, KindDefaults
-from orchestrator.jobs.records import get_job, record_event
+from orchestrator.jobs.records import EVENTS, event_row, get_job, record_event
 from orchestrator.jobs.train import TRAIN_DIR, train_dir
 from orchestrator.launchers import LAUNCHERS
 from orchestrator.launchers.base import Resources
@@ -201,7 +202,8 @@ def submit_run(
     **fields: Any,
 ) -> SubmittedRun:
     """Record a queued run (or a trial of a sweep: `model=Trial` with its sweep, arm and seed; a retry with
-    `retry_of_id`). Two Core INSERTs and the event: no ORM unit of work on the busiest write of the service."""
+    `retry_of_id`). Its job, run and event rows in Core, one statement on PostgreSQL: no ORM unit of work and
+    no extra round trips on the busiest write of the service."""
     unknown = set(fields) - {"retry_of_id", "sweep_id", "arm", "seed"}
     if unknown:
         raise TypeError(f"submit_run() got unknown run fields {sorted(unknown)}")
@@ -241,13 +243,42 @@ def submit_run(
         folder=str(folder),
         kind=str(model.__mapper__.polymorphic_identity),
     )
-    job_columns = ("id", "kind", "status", "launcher", "resources", "folder", "created_by", "created_at", "updated_at")
-    session.execute(insert(JOBS), [{c: getattr(run, c) for c in job_columns}])
-    run_columns = ("id", "name", "method", "config", "config_hash", "output_dir", "progress", *sorted(fields))
-    session.execute(insert(RUNS), [{**{c: getattr(run, c) for c in run_columns}, "experiment_id": experiment_id}])
+    job = {c: getattr(run, c) for c in _JOB_COLUMNS} | {"mlflow_synced": False}
+    row = {c: getattr(run, c) for c in _RUN_COLUMNS} | {"experiment_id": experiment_id}
     submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
-    record_event(session, run, "transition", actor, reason, to_status=Status.QUEUED.value, **submitted)
+    event = event_row(run.id, "transition", actor, reason, None, Status.QUEUED.value, submitted)
+    if session.get_bind().dialect.name == "postgresql":  # one statement, one round trip
+        prefixed = (
+            {f"{prefix}{k}": v for k, v in values.items()}
+            for prefix, values in zip(("job_", "run_", "event_"), (job, row, event), strict=True)
+        )
+        session.execute(_SUBMISSION, {k: v for values in prefixed for k, v in values.items()})
+    else:  # SQLite runs in this process: statements cost no round trip, and it has no data-modifying CTEs
+        for table, values in ((JOBS, job), (RUNS, row), (EVENTS, event)):
+            session.execute(insert(table), [values])
     return run
+
+
+def _bound(table: Table, prefix: str, columns: Iterable[str]) -> dict[str, Any]:
+    return {c: bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns}
+
+
+_JOB_COLUMNS = (
+    *("id", "kind", "status", "launcher", "resources", "requeues"),
+    *("folder", "created_by", "created_at", "updated_at"),
+)
+_RUN_COLUMNS = (
+    *("id", "name", "method", "config", "config_hash", "output_dir"),
+    *("progress", "retry_of_id", "sweep_id", "arm", "seed"),
+)
+#: A submission's three rows as one PostgreSQL statement: data-modifying CTEs all run, and the foreign keys
+#: between them (run -> job, event -> job) are checked at the end of the statement.
+_SUBMISSION = (
+    insert(EVENTS)
+    .values(_bound(EVENTS, "event_", ("job_id", "kind", "actor", "reason", "from_status", "to_status", "data", "at")))
+    .add_cte(insert(JOBS).values(_bound(JOBS, "job_", (*_JOB_COLUMNS, "mlflow_synced"))).cte("submitted_job"))
+    .add_cte(insert(RUNS).values(_bound(RUNS, "run_", (*_RUN_COLUMNS, "experiment_id"))).cte("submitted_run"))
+)
 
 
 def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) -> Run:

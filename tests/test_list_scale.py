@@ -166,7 +166,7 @@ def test_a_page_is_two_selects_and_a_read_session_never_writes(db_url: str) -> N
         db.dispose()
 
 
-def test_a_submission_to_a_committed_experiment_is_its_inserts_and_a_rolled_back_one_is_forgotten(
+def test_a_submission_to_a_committed_experiment_only_writes_and_a_rolled_back_one_is_forgotten(
     db_url: str, tmp_path: Any
 ) -> None:
     upgrade(db_url)
@@ -186,7 +186,10 @@ def test_a_submission_to_a_committed_experiment_is_its_inserts_and_a_rolled_back
         with db.transaction() as session:
             second = submit_run(session, settings, body, "tester")
         written = [s.split("(")[0].strip() for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
-        assert written == ["INSERT INTO JOBS", "INSERT INTO RUNS", "INSERT INTO EVENTS"], statements
+        if db.url.startswith("sqlite"):  # in process: three statements cost no round trip
+            assert written == ["INSERT INTO JOBS", "INSERT INTO RUNS", "INSERT INTO EVENTS"], statements
+        else:  # one statement, one round trip: the job, run and event rows as data-modifying CTEs
+            assert written == ["WITH SUBMITTED_JOB AS"], statements
         with db.sessions() as session:
             owners = session.execute(
                 sa.select(Run.experiment_id).where(Run.id.in_([first.id, second.id])).distinct()

@@ -83,8 +83,29 @@ def record_event(
     """Append to the job's log at once, as plain SQL (events are never changed, so no ORM object is kept):
     pending changes are flushed first, so the job it names, and what it reports, precede it."""
     session.flush()
-    values = dict(job_id=job.id, kind=kind, actor=actor, reason=reason, from_status=from_status, to_status=to_status)
-    session.execute(insert(EVENTS), [{**values, "data": data, "at": utcnow()}])
+    session.execute(insert(EVENTS), [event_row(job.id, kind, actor, reason, from_status, to_status, data)])
+
+
+def event_row(
+    job_id: uuid.UUID,
+    kind: str,
+    actor: str,
+    reason: str | None,
+    from_status: str | None,
+    to_status: str | None,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """An `events` row: what `record_event` appends, for callers that insert it with other rows."""
+    return dict(
+        job_id=job_id,
+        kind=kind,
+        actor=actor,
+        reason=reason,
+        from_status=from_status,
+        to_status=to_status,
+        data=data,
+        at=utcnow(),
+    )
 
 
 def transition(session: Session, job: Job, target: Status, actor: str, reason: str | None = None, **data: Any) -> None:
