@@ -248,11 +248,8 @@ def submit_run(
     submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
     event = event_row(run.id, "transition", actor, reason, None, Status.QUEUED.value, submitted)
     if session.get_bind().dialect.name == "postgresql":  # one statement, one round trip
-        prefixed = (
-            {f"{prefix}{k}": v for k, v in values.items()}
-            for prefix, values in zip(("job_", "run_", "event_"), (job, row, event), strict=True)
-        )
-        session.execute(_SUBMISSION, {k: v for values in prefixed for k, v in values.items()})
+        params = {f"job_{k}": v for k, v in job.items()} | {f"run_{k}": v for k, v in row.items()}
+        session.execute(_SUBMISSION, params | {f"event_{k}": v for k, v in event.items()})
     else:  # SQLite runs in this process: statements cost no round trip, and it has no data-modifying CTEs
         for table, values in ((JOBS, job), (RUNS, row), (EVENTS, event)):
             session.execute(insert(table), [values])
