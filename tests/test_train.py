@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, micro_overrides
+from trainer.callbacks import TrainCallback
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.export import export_checkpoint
 from trainer.presets import load_config
@@ -100,6 +102,58 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path: Path)
             assert torch.equal(tensor, b[part][key]), f"{part}.{key} differs after resume"
     for pid, st in a["optimizer"]["state"].items():
         assert torch.equal(st["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+
+
+#: Builds the training loader with one worker, takes a batch and keeps the iterator referenced until exit.
+_HELD_LOADER = """
+import sys
+from pathlib import Path
+from tests.support import micro_overrides
+from trainer.data.loader import build_loader, close_loader
+from trainer.presets import load_config
+
+cfg = load_config("tiny_cpu", micro_overrides(Path(sys.argv[1]), "dino", "data.num_workers=1"))
+loader, sampler = build_loader(cfg)
+sampler.set_epoch(0)
+batches = iter(loader)
+next(batches)
+if sys.argv[2] == "close":
+    close_loader(loader)
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_a_closed_loader_lets_the_process_exit(tmp_path: Path, close: bool) -> None:
+    """Workers ignore SIGTERM (preemption is the training process's), and multiprocessing's exit hook stops
+    live workers with SIGTERM, then joins them: without `close_loader` the exit waits forever."""
+    cmd = [PY, "-c", _HELD_LOADER, str(tmp_path), "close" if close else "keep"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+        try:
+            code: int | None = proc.wait(timeout=60 if close else 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == (0 if close else None)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone once it exited
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_training_stops_its_loader_workers_even_when_it_fails(tmp_path: Path) -> None:
+    import multiprocessing
+
+    class Boom(TrainCallback):
+        def on_log(self, step: int, metrics: dict[str, float]) -> None:
+            raise RuntimeError("callback failed")
+
+    cfg = load_config("tiny_cpu", micro_overrides(tmp_path, "dino", "data.num_workers=1"))
+    with pytest.raises(RuntimeError, match="callback failed") as failure:
+        train(cfg, callbacks=[Boom()])
+    assert failure.traceback  # the frames, and with them the loader, are still referenced here
+    assert multiprocessing.active_children() == []
 
 
 def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from trainer.checkpoint import (
     strip_prefixes,
 )
 from trainer.config import TrainConfig
-from trainer.data.loader import build_loader
+from trainer.data.loader import build_loader, close_loader
 from trainer.diagnostics import Collapse, CollapseDetector, ratios
 from trainer.distributed import (
     DistInfo,
@@ -180,7 +181,8 @@ def train(config: TrainConfig | Mapping[str, Any], callbacks: Sequence[TrainCall
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     try:
-        return _train(cfg, device, amp_dtype, info, list(callbacks) if info.is_main else [])
+        with ExitStack() as closing:
+            return _train(cfg, device, amp_dtype, info, list(callbacks) if info.is_main else [], closing)
     finally:
         cleanup(info)
 
@@ -191,6 +193,7 @@ def _train(
     amp_dtype: torch.dtype | None,
     info: DistInfo,
     callbacks: list[TrainCallback],
+    closing: ExitStack,
 ) -> TrainResult:
     out_dir = Path(cfg.checkpoint.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +204,7 @@ def _train(
 
     # ============ data ============
     loader, sampler = build_loader(cfg, info.rank, info.world_size, pin_memory=device.type == "cuda")
+    closing.callback(close_loader, loader)  # however training ends
     iters_per_epoch = sampler.batches_per_epoch
     total_iters = cfg.optim.epochs * iters_per_epoch
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from trainer.config import TrainConfig
 from trainer.data.augment import build_augmentation
@@ -119,6 +120,18 @@ def _ignore_preemption_signals(_worker_id: int) -> None:
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def close_loader(loader: DataLoader[Any]) -> None:
+    """Stop the loader's persistent workers now, not at interpreter exit.
+
+    At exit PyTorch leaves its workers to multiprocessing's exit hook, which sends daemonic children SIGTERM
+    and then joins them. Ours ignore SIGTERM (`_ignore_preemption_signals`), so a worker still alive then
+    would keep a finished training process waiting for it forever.
+    """
+    iterator, loader._iterator = loader._iterator, None
+    if isinstance(iterator, _MultiProcessingDataLoaderIter):
+        iterator._shutdown_workers()
 
 
 def build_loader(
