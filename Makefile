@@ -29,7 +29,7 @@ study: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_core_tiny
 
-# The k ablation at the same scale (about 2 h 10 min on 2 cores; rerun to resume): results/paper_k_tiny/
+# The k ablation at the same scale (68 min on 2 cores, 2 h 10 min on a slower host; rerun to resume): results/paper_k_tiny/
 study-k: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_k_tiny
