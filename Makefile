@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo study study-k test test-fast lint typecheck pytest services bench clean
+.PHONY: setup data demo study study-k study-16ep test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ study: setup
 study-k: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_k_tiny
+
+# The core study at 16 epochs instead of 4 (rerun to resume): results/paper_core_tiny_16ep/
+study-16ep: setup
+	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
+	$(BIN)/orchestrator study paper_core_tiny_16ep
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
