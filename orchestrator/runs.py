@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Row, Select, Table, bindparam, insert, select
+from sqlalchemy import Select, Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Base, Checkpoint, Event, Job, Run, utcnow
@@ -108,7 +108,24 @@ def resolve_submission(body: RunCreate) -> ResolvedConfig:
     return resolved
 
 
-@dataclass(frozen=True, slots=True)
+class ListedAttempt(NamedTuple):
+    """An attempt as lists show it: the columns a list reads, in `ATTEMPTS` order (a tuple: cheap to build)."""
+
+    number: int
+    backend: str
+    backend_job_id: str | None
+    host: str | None
+    state: str
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    exit_reason: str | None
+    accelerators: int
+    accelerator_seconds: float | None
+
+
+@dataclass(slots=True)
 class RunListItem:
     """A run as lists show it: plain columns of one SELECT and its attempts, everything but the config.
 
@@ -138,7 +155,7 @@ class RunListItem:
     updated_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
-    attempts: list[Row[Any]]
+    attempts: list[ListedAttempt]
 
 
 #: the tables themselves: lists and submissions are plain SQL of a few columns, not ORM units of work
@@ -157,32 +174,10 @@ _LISTED = (
 )
 # list items are built from rows by position (several times cheaper than by name): same order
 assert [c.name for c in _LISTED] == [f.name for f in dataclasses.fields(RunListItem)][:-1]
-_ATTEMPT_COLUMNS = tuple(
-    ATTEMPTS.c[name]
-    for name in (
-        "job_id",
-        "number",
-        "backend",
-        "backend_job_id",
-        "host",
-        "state",
-        "submitted_at",
-        "started_at",
-        "ended_at",
-        "exit_code",
-        "exit_reason",
-        "accelerators",
-        "accelerator_seconds",
-    )
-)
-_ATTEMPTS_OF = (
-    select(*_ATTEMPT_COLUMNS)
-    .where(ATTEMPTS.c.job_id.in_(bindparam("ids", expanding=True)))
-    .order_by(ATTEMPTS.c.job_id, ATTEMPTS.c.number)
-)
+_ATTEMPT_COLUMNS = tuple(ATTEMPTS.c[name] for name in ListedAttempt._fields)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SubmittedRun(RunListItem):
     """A run just recorded, as its submitter reads it back: a list item with its config and folder."""
 
@@ -260,13 +255,31 @@ def _bound(table: Table, prefix: str, columns: Iterable[str]) -> dict[str, Any]:
     return {c: bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns}
 
 
+#: The columns a submission writes to its job and run rows (their values are the new `Run`'s attributes).
 _JOB_COLUMNS = (
-    *("id", "kind", "status", "launcher", "resources", "requeues"),
-    *("folder", "created_by", "created_at", "updated_at"),
+    "id",
+    "kind",
+    "status",
+    "launcher",
+    "resources",
+    "requeues",
+    "folder",
+    "created_by",
+    "created_at",
+    "updated_at",
 )
 _RUN_COLUMNS = (
-    *("id", "name", "method", "config", "config_hash", "output_dir"),
-    *("progress", "retry_of_id", "sweep_id", "arm", "seed"),
+    "id",
+    "name",
+    "method",
+    "config",
+    "config_hash",
+    "output_dir",
+    "progress",
+    "retry_of_id",
+    "sweep_id",
+    "arm",
+    "seed",
 )
 #: A submission's three rows as one PostgreSQL statement: data-modifying CTEs all run, and the foreign keys
 #: between them (run -> job, event -> job) are checked at the end of the statement.
@@ -293,8 +306,8 @@ def list_runs(
     launcher: str | None = None,
     sweep: uuid.UUID | None = None,
 ) -> tuple[list[RunListItem], str | None]:
-    """Newest first: one SELECT of the listed columns (never the config), one for the page's attempts; both
-    statements are built once per combination of filters and reused with new parameters."""
+    """Newest first, in one SELECT: the page's runs (the listed columns, never the config) joined with their
+    attempts. The statement is built once per combination of filters and reused with new parameters."""
     params: dict[str, Any] = {"limit": page_size + 1}
     if status:
         params["status"] = [s.value for s in status]
@@ -303,18 +316,24 @@ def list_runs(
             params[name] = value
     if page_token:
         params["after_time"], params["after_id"] = cursor_key(page_token, uuid.UUID)
-    rows, token = page(list(session.execute(_list_statement(frozenset(params)), params).all()), page_size)
-    attempts: dict[uuid.UUID, list[Row[Any]]] = {row.id: [] for row in rows}
-    if rows:
-        for attempt in session.execute(_ATTEMPTS_OF, {"ids": list(attempts)}).all():
-            attempts[attempt.job_id].append(attempt)
-    return [RunListItem(*row, attempts=attempts[row.id]) for row in rows], token  # type: ignore[misc]
+    items: list[RunListItem] = []
+    for row in session.execute(_list_statement(frozenset(params)), params):
+        if not items or items[-1].id != row[0]:  # rows of one run are consecutive: ordered by run first
+            items.append(RunListItem(*row[:_RUN_WIDTH], attempts=[]))  # type: ignore[misc]
+        if row[_RUN_WIDTH] is not None:  # a run without attempts has one row of NULL attempt columns
+            items[-1].attempts.append(ListedAttempt(*row[_RUN_WIDTH:]))
+    return page(items, page_size)
+
+
+_RUN_WIDTH = len(_LISTED)
 
 
 @functools.cache
 def _list_statement(given: frozenset[str]) -> Select[Any]:
     """The list query for the parameters `given`, with bound parameters only: built (and its cache key
-    computed) once per combination, which is most of what building it on every request cost."""
+    computed) once per combination, which is most of what building it on every request cost. The page is a
+    subquery (its LIMIT counts runs, and the cursor stays an index bound inside it) outer-joined with the
+    attempts, so a page is one round trip, not one for the runs and one for their attempts."""
     query = select(*_LISTED).select_from(
         JOBS.join(RUNS, RUNS.c.id == JOBS.c.id).join(EXPERIMENTS, EXPERIMENTS.c.id == RUNS.c.experiment_id)
     )
@@ -331,7 +350,12 @@ def _list_statement(given: frozenset[str]) -> Select[Any]:
     after = None
     if "after_time" in given:
         after = (bindparam("after_time", type_=JOBS.c.created_at.type), bindparam("after_id", type_=JOBS.c.id.type))
-    return newest_first(query, JOBS.c.created_at, JOBS.c.id, after).limit(bindparam("limit"))
+    listed = newest_first(query, JOBS.c.created_at, JOBS.c.id, after).limit(bindparam("limit")).subquery("listed")
+    return (
+        select(*listed.c, *_ATTEMPT_COLUMNS)
+        .select_from(listed.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == listed.c.id))
+        .order_by(listed.c.created_at.desc(), listed.c.id.desc(), ATTEMPTS.c.number)
+    )
 
 
 @dataclass(frozen=True)
