@@ -22,6 +22,7 @@ from orchestrator.leader import Lease
 from orchestrator.leader import Role as LeaseRole
 from orchestrator.mlflow_bridge import MlflowBridge
 from orchestrator.settings import Settings, parse_tokens
+from orchestrator.strict import Cursor
 
 Role = Literal["read", "admin"]
 
@@ -160,10 +161,7 @@ JobCaller = Annotated[uuid.UUID, Depends(job_caller)]
 
 
 #: A cursor from a previous page's `next_page_token` (opaque; anything else is a 422 naming it).
-PageToken = Annotated[
-    str | None,
-    Query(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$", description="`next_page_token` of the previous page."),
-]
+PageToken = Annotated[Cursor | None, Query(description="`next_page_token` of the previous page.")]
 IdempotencyKey = Annotated[
     str | None,
     Header(

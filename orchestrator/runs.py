@@ -33,10 +33,10 @@ from orchestrator.launchers import LAUNCHERS
 from orchestrator.launchers.base import Resources
 from orchestrator.lifecycle import RUN, Status
 from orchestrator.pages import cursor_key, newest_first, page
-from orchestrator.schemas import JobReport, RunCreate
+from orchestrator.schemas import AttemptPublic, JobReport, RunCreate
 from orchestrator.settings import Settings
-from orchestrator.strict import Count, FilePath, Reason
-from trainer.config import TrainConfig, flatten
+from orchestrator.strict import Count, Cursor, ExperimentName, FilePath, LauncherName, Reason
+from trainer.config import Method, TrainConfig, flatten
 from trainer.files import LATEST, sha256_file
 from trainer.presets import (
     ConfigError,
@@ -108,6 +108,27 @@ def resolve_submission(body: RunCreate) -> ResolvedConfig:
     return resolved
 
 
+class RunFilters(BaseModel):
+    """Which runs a list shows and the cursor it resumes after: the REST list's query and the web page's form.
+    One model: FastAPI validates a query model in one pydantic-core call, where separate parameters cost it a
+    resolution each on every request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    page_token: Cursor | None = Field(None, description="`next_page_token` of the previous page.")
+    status: list[Status] = Field(default_factory=list, description="Only runs in these states (repeatable).")
+    experiment: ExperimentName | None = Field(None, description="Only the runs of this experiment.")
+    method: Method | None = Field(None, description="dino or selfpatch.")
+    launcher: LauncherName | None = Field(None, description="Only runs on this launcher (local, slurm, ray, tune).")
+    sweep: uuid.UUID | None = Field(None, description="Only the trials of this sweep (its id).")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The filters as query pairs, without the cursor: what a link to the same list carries."""
+        named = (("experiment", self.experiment), ("method", self.method), ("launcher", self.launcher))
+        out = [("status", s.value) for s in self.status] + [(k, v) for k, v in named if v]
+        return out + ([("sweep", str(self.sweep))] if self.sweep else [])
+
+
 class ListedAttempt(NamedTuple):
     """An attempt as lists show it: the columns a list reads, in `ATTEMPTS` order (a tuple: cheap to build)."""
 
@@ -175,6 +196,8 @@ _LISTED = (
 # list items are built from rows by position (several times cheaper than by name): same order
 assert [c.name for c in _LISTED] == [f.name for f in dataclasses.fields(RunListItem)][:-1]
 _ATTEMPT_COLUMNS = tuple(ATTEMPTS.c[name] for name in ListedAttempt._fields)
+# REST validates `AttemptPublic` from a listed attempt's attributes: the same fields
+assert ListedAttempt._fields == tuple(AttemptPublic.model_fields)
 
 
 @dataclass(slots=True)
@@ -295,27 +318,17 @@ def get_run(session: Session, run_id: str | uuid.UUID, *, lock: bool = False) ->
     return get_job(session, Run, run_id, "run", lock=lock)
 
 
-def list_runs(
-    session: Session,
-    *,
-    page_size: int,
-    page_token: str | None,
-    status: list[Status] | None = None,
-    experiment: str | None = None,
-    method: str | None = None,
-    launcher: str | None = None,
-    sweep: uuid.UUID | None = None,
-) -> tuple[list[RunListItem], str | None]:
+def list_runs(session: Session, filters: RunFilters, page_size: int) -> tuple[list[RunListItem], str | None]:
     """Newest first, in one SELECT: the page's runs (the listed columns, never the config) joined with their
     attempts. The statement is built once per combination of filters and reused with new parameters."""
     params: dict[str, Any] = {"limit": page_size + 1}
-    if status:
-        params["status"] = [s.value for s in status]
-    for name, value in (("method", method), ("launcher", launcher), ("sweep", sweep), ("experiment", experiment)):
-        if value:
+    if filters.status:
+        params["status"] = [s.value for s in filters.status]
+    for name in ("method", "launcher", "sweep", "experiment"):
+        if value := getattr(filters, name):
             params[name] = value
-    if page_token:
-        params["after_time"], params["after_id"] = cursor_key(page_token, uuid.UUID)
+    if filters.page_token:
+        params["after_time"], params["after_id"] = cursor_key(filters.page_token, uuid.UUID)
     items: list[RunListItem] = []
     for row in session.execute(_list_statement(frozenset(params)), params):
         if not items or items[-1].id != row[0]:  # rows of one run are consecutive: ordered by run first

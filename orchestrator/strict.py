@@ -35,6 +35,10 @@ ExperimentName = Annotated[str, StringConstraints(min_length=1, max_length=200, 
 FilePath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=ONE_LINE)]
 SchedulerJobId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=JOB_ID)]
 MetricName = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=ONE_LINE)]
+#: A page cursor as `next_page_token` writes it (url-safe base64); anything else is refused, naming the field.
+Cursor = Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")]
+#: A launcher's registry key (local, slurm, ray, tune, dryrun).
+LauncherName = Annotated[str, StringConstraints(pattern=r"^[a-z]{1,32}$")]
 #: `dotted.key=value`: the key's grammar is in the schema; whether the config has that key is checked by it.
 OVERRIDE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=[^\x00-\x1f\x7f]*$"
 Override = Annotated[str, StringConstraints(min_length=2, max_length=2000, pattern=OVERRIDE)]

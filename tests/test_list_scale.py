@@ -19,7 +19,7 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.db.models import Attempt, Experiment, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.lifecycle import Status
-from orchestrator.runs import list_runs, resolve_submission, submit_run
+from orchestrator.runs import RunFilters, list_runs, resolve_submission, submit_run
 from orchestrator.schemas import RunCreate
 from tests.support import auth, make_settings
 
@@ -64,7 +64,7 @@ def walk(db: Database, **filters: Any) -> list[uuid.UUID]:
     token: str | None = None
     while True:
         with db.sessions() as session:
-            runs, token = list_runs(session, page_size=97, page_token=token, **filters)
+            runs, token = list_runs(session, RunFilters(page_token=token, **filters), 97)
             seen += [r.id for r in runs]
         if token is None:
             return seen
@@ -105,11 +105,11 @@ def test_a_deep_page_is_an_index_range_scan(db_url: str) -> None:
     db = Database(db_url)
     try:
         with db.sessions() as session:
-            _first, token = list_runs(session, page_size=COUNT // 2, page_token=None)
+            _first, token = list_runs(session, RunFilters(), COUNT // 2)
         statements: list[tuple[str, Any]] = []
         sa.event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append((a[2], a[3])))
         with db.sessions() as session:
-            deep, _ = list_runs(session, page_size=50, page_token=token)
+            deep, _ = list_runs(session, RunFilters(page_token=token), 50)
         assert len(deep) == 50
         select, params = next((s, p) for s, p in statements if s.lstrip().startswith("SELECT") and "jobs" in s)
         assert "config," not in select.replace("config_hash,", "")  # the config column is not even read
@@ -147,7 +147,7 @@ def test_a_page_is_one_select_and_a_read_session_never_writes(db_url: str) -> No
         statements: list[str] = []
         sa.event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lstrip().upper()))
         with db.sessions() as session:
-            runs, token = list_runs(session, page_size=50, page_token=None)
+            runs, token = list_runs(session, RunFilters(), 50)
             if not db.url.startswith("sqlite"):  # reads autocommit: no BEGIN and ROLLBACK round trips
                 assert session.connection().connection.driver_connection.autocommit is True
         assert len(runs) == 50 and token is not None and runs[0].id == ids[-1]

@@ -148,6 +148,8 @@ def test_the_run_list_filters_and_pages_server_side(client: TestClient) -> None:
     assert all(s in beta for s in selfpatch) and dino not in beta
     assert dino not in client.get("/?status=running").text
     assert client.get("/?method=bogus").status_code == 422
+    unfiltered = client.get("/?experiment=&method=&launcher=&sweep=")  # the form's empty fields: no filter
+    assert unfiltered.status_code == 200 and all(r in unfiltered.text for r in [dino, *selfpatch])
     fragment = client.get("/fragments/runs?experiment=alpha")
     assert fragment.status_code == 200 and dino in fragment.text and "<html" not in fragment.text
 

@@ -8,19 +8,27 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 from sqlalchemy import select
 
-from api.deps import Admin, IdempotencyKey, PageToken, Reader, SessionDep, StateDep
+from api.deps import Admin, IdempotencyKey, Reader, SessionDep, StateDep
 from api.idempotency import idempotent_post
 from api.routes.jobs import add_job_routes
 from orchestrator.db.models import Checkpoint, Run
 from orchestrator.errors import InvalidInputError
 from orchestrator.jobs.kinds import job_spec
 from orchestrator.launchers.base import LauncherError
-from orchestrator.lifecycle import Status
 from orchestrator.mlflow_bridge import MlflowBridge
-from orchestrator.runs import RunListItem, SubmittedRun, get_run, list_runs, resolve_config, retry_run, submit_run
+from orchestrator.runs import (
+    RunFilters,
+    RunListItem,
+    SubmittedRun,
+    get_run,
+    list_runs,
+    resolve_config,
+    retry_run,
+    submit_run,
+)
 from orchestrator.schemas import (
     CheckpointPublic,
     DryRun,
@@ -29,25 +37,14 @@ from orchestrator.schemas import (
     RunPublic,
     RunSummary,
 )
-from orchestrator.strict import ExperimentName
-from trainer.config import Method
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
-class RunFilters(BaseModel):
-    """GET /runs query parameters: a page and its filters. One model is validated in one pydantic-core call,
-    where seven separate parameters cost FastAPI a resolution each on every request."""
+class RunListQuery(RunFilters):
+    """GET /runs query parameters: the list's filters and cursor, and the page size."""
 
-    page_size: int = Field(50, ge=1, le=500)
-    page_token: PageToken = None
-    status: list[Status] | None = None
-    experiment: ExperimentName | None = None
-    method: Method | None = Field(None, description="dino or selfpatch.")
-    launcher: str | None = Field(
-        None, pattern=r"^[a-z]{1,32}$", description="Only runs on this launcher (local, slurm, ray, tune)."
-    )
-    sweep: uuid.UUID | None = Field(None, description="Only the trials of this sweep (its id).")
+    page_size: int = Field(50, ge=1, le=500, description="Runs per page.")
 
 
 def run_public(run: Run | SubmittedRun, mlflow: MlflowBridge) -> RunPublic:
@@ -146,17 +143,8 @@ def submit(
     summary="List runs, newest first (cursor pagination)",
     description="Items carry everything but the config (GET /runs/{id} has it).",
 )
-def list_(session: SessionDep, state: StateDep, _: Reader, query: Annotated[RunFilters, Query()]) -> Response:
-    runs, token = list_runs(
-        session,
-        page_size=query.page_size,
-        page_token=query.page_token,
-        status=query.status,
-        experiment=query.experiment,
-        method=query.method,
-        launcher=query.launcher,
-        sweep=query.sweep,
-    )
+def list_(session: SessionDep, state: StateDep, _: Reader, query: Annotated[RunListQuery, Query()]) -> Response:
+    runs, token = list_runs(session, query, query.page_size)
     items = [_summary_fields(r, state.mlflow) for r in runs]
     listed = RUN_PAGE.validate_python({"items": items, "next_page_token": token}, from_attributes=True)
     return Response(RUN_PAGE.dump_json(listed), media_type="application/json")

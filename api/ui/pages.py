@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -32,10 +32,9 @@ from orchestrator.db.models import Checkpoint, Evaluation, Event, Job, Run, Swee
 from orchestrator.errors import NotFoundError
 from orchestrator.lifecycle import Status
 from orchestrator.pages import page, page_after
-from orchestrator.runs import RunListItem, config_diff, get_run, list_runs, retry_run
-from orchestrator.strict import ExperimentName
+from orchestrator.runs import RunFilters, RunListItem, config_diff, get_run, list_runs, retry_run
 from orchestrator.sweeps.service import get_sweep, report_for, report_plots, sweep_public
-from trainer.config import Method, flatten
+from trainer.config import flatten
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -148,49 +147,21 @@ def _run_rows(state: AppState, runs: list[RunListItem]) -> list[dict[str, Any]]:
     ]
 
 
-@dataclass(frozen=True)
-class RunFilters:
-    """The run list's query: filters and the cursor, as the page and its live fragment both read them."""
+class RunForm(RunFilters):
+    """The run list's filter form, as the page and its live fragment both read it: an empty field means no
+    filter."""
 
-    page_token: str | None
-    status: list[Status]
-    experiment: str | None
-    method: str | None
-    launcher: str | None
-    sweep: uuid.UUID | None
-
-    def pairs(self) -> list[tuple[str, str]]:
-        named = (("experiment", self.experiment), ("method", self.method), ("launcher", self.launcher))
-        out = [("status", s.value) for s in self.status] + [(k, v) for k, v in named if v]
-        return out + ([("sweep", str(self.sweep))] if self.sweep else [])
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_no_filter(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v != ""} if isinstance(data, dict) else data
 
 
-def run_filters(
-    page_token: PageToken = None,
-    status: Annotated[list[Status] | None, Query()] = None,
-    experiment: Annotated[ExperimentName | Literal[""] | None, Query()] = None,
-    method: Annotated[Method | Literal[""] | None, Query()] = None,
-    launcher: Annotated[str | None, Query(pattern=r"^[a-z]{0,32}$")] = None,
-    sweep: Annotated[uuid.UUID | Literal[""] | None, Query()] = None,
-) -> RunFilters:
-    """An empty form field means no filter."""
-    return RunFilters(page_token, status or [], experiment or None, method or None, launcher or None, sweep or None)
+Filters = Annotated[RunForm, Query()]
 
 
-Filters = Annotated[RunFilters, Depends(run_filters)]
-
-
-def _runs_context(session: Session, state: AppState, query: RunFilters) -> dict[str, Any]:
-    runs, token = list_runs(
-        session,
-        page_size=PAGE_SIZE,
-        page_token=query.page_token,
-        status=query.status,
-        experiment=query.experiment,
-        method=query.method,
-        launcher=query.launcher,
-        sweep=query.sweep,
-    )
+def _runs_context(session: Session, state: AppState, query: RunForm) -> dict[str, Any]:
+    runs, token = list_runs(session, query, PAGE_SIZE)
     filters = query.pairs()
     here = filters + ([("page_token", query.page_token)] if query.page_token else [])
     return {
