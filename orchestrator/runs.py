@@ -195,6 +195,7 @@ _LISTED = (
 )
 # list items are built from rows by position (several times cheaper than by name): same order
 assert [c.name for c in _LISTED] == [f.name for f in dataclasses.fields(RunListItem)][:-1]
+_RUN_WIDTH = len(_LISTED)  # a list row: the run's columns, then its attempt's
 _ATTEMPT_COLUMNS = tuple(ATTEMPTS.c[name] for name in ListedAttempt._fields)
 # REST validates `AttemptPublic` from a listed attempt's attributes: the same fields
 assert ListedAttempt._fields == tuple(AttemptPublic.model_fields)
@@ -336,9 +337,6 @@ def list_runs(session: Session, filters: RunFilters, page_size: int) -> tuple[li
         if row[_RUN_WIDTH] is not None:  # a run without attempts has one row of NULL attempt columns
             items[-1].attempts.append(ListedAttempt(*row[_RUN_WIDTH:]))
     return page(items, page_size)
-
-
-_RUN_WIDTH = len(_LISTED)
 
 
 @functools.cache
