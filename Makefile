@@ -34,7 +34,7 @@ study-k: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_k_tiny
 
-# The core study at 16 epochs instead of 4 (rerun to resume): results/paper_core_tiny_16ep/
+# The core study at 16 epochs instead of 4 (about 1 h 50 min on 2 cores; rerun to resume): results/paper_core_tiny_16ep/
 study-16ep: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_core_tiny_16ep
