@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo study study-k study-16ep test test-fast lint typecheck pytest services bench clean
+.PHONY: setup data demo study study-k study-16ep study-16ep-5seeds test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ study-k: setup
 study-16ep: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_core_tiny_16ep
+
+# The 16-epoch core study at 5 seeds: seeds 0-2 (study-16ep), then seeds 3-4 (about 70 minutes more), then one
+# analysis of all five seed pairs: results/paper_core_tiny_16ep_5seeds/
+study-16ep-5seeds: study-16ep
+	$(BIN)/orchestrator study paper_core_tiny_16ep_seeds34
+	$(BIN)/orchestrator study-pool results/paper_core_tiny_16ep results/paper_core_tiny_16ep_seeds34 \
+		--out results/paper_core_tiny_16ep_5seeds --name paper-core-tiny-16ep-5seeds
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

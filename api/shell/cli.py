@@ -797,6 +797,28 @@ def study(
     typer.echo(f"evidence in {target} ({record.wall_s / 60:.1f} min)")
 
 
+@app.command("study-pool")
+def study_pool(
+    folders: Annotated[
+        list[Path], typer.Argument(help="Two or more finished studies' evidence folders (results/<name>).")
+    ],
+    out: Annotated[Path, typer.Option(help="The pooled evidence folder (replaced if it exists).")],
+    name: Annotated[str | None, typer.Option(help="The pooled study's name (default <first sweep>-pooled).")] = None,
+) -> None:
+    """Analyse several studies of one ablation with disjoint seeds as one: the sweep files must differ only
+    in their seeds. Writes the report (Markdown, JSON, CSV), the plots, the pooled sweep file and pool.json
+    (each part's commit, the code that differs between them, whether their floors agree)."""
+    from api.shell.study_pool import pool_studies
+
+    try:
+        record = pool_studies(folders, out, name)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    typer.echo((out / "report.md").read_text())
+    seeds = ", ".join(str(s) for s in record.seeds)
+    typer.echo(f"pooled {len(record.sources)} studies (seeds {seeds}) into {out}")
+
+
 def main() -> None:
     try:
         app()

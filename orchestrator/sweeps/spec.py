@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -301,6 +301,30 @@ def extension_of(old: SweepSpec, new: SweepSpec) -> str | None:
     if set(old.seed_list) - set(new.seed_list):
         return "seeds were removed"
     return None
+
+
+def pooled(specs: Sequence[SweepSpec]) -> SweepSpec:
+    """The one sweep that several ablations with disjoint seeds add up to: the first with every seed.
+
+    Pooling is sound only where the sweeps would have been one sweep with more seeds: the same base, arms,
+    baseline, evaluations and metrics. Raises ValueError naming the first difference or the shared seeds.
+    """
+    if len(specs) < 2:
+        raise ValueError("pool at least two sweeps")
+    first = specs[0]
+    if any(spec.search is not None for spec in specs):
+        raise ValueError("a search has no seeds to pool")
+    science = {key: value for key, value in first.science().items() if key != "seeds"}
+    seen: dict[int, str] = {}
+    for spec in specs:
+        other = {key: value for key, value in spec.science().items() if key != "seeds"}
+        if other != science:
+            raise ValueError(f"{spec.name} and {first.name} differ in more than their seeds: {diff(science, other)[0]}")
+        shared = sorted(seed for seed in spec.seed_list if seed in seen)
+        if shared:
+            raise ValueError(f"{spec.name} repeats seed {shared[0]} of {seen[shared[0]]}: pooled seeds must differ")
+        seen.update(dict.fromkeys(spec.seed_list, spec.name))
+    return first.model_copy(update={"seeds": sorted(seen)})
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
