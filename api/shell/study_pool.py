@@ -70,7 +70,7 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
     Raises ValueError with a one-line reason when a folder is not a finished study or the studies are not
     parts of one ablation; nothing is written then.
     """
-    from orchestrator.sweeps.report import TrialRow, build_report
+    from orchestrator.sweeps.report import TrialRow, ablation_report
     from orchestrator.sweeps.spec import pooled
 
     parts = [_read_part(folder) for folder in folders]
@@ -78,17 +78,8 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
     spec = pooled(specs)
     spec = spec.model_copy(update={"name": name or f"{specs[0].name}-pooled"})
     trials = [_trial(TrialRow, row) for _, report, _ in parts for row in report["trials"]]
-    report = build_report(
-        spec.name,
-        ",".join(report["sweep_id"] for _, report, _ in parts),
-        trials,
-        [arm.name for arm in spec.arm_list],
-        spec.baseline_arm,
-        spec.metrics.primary,
-        spec.metrics.direction,
-        spec.metrics.secondary,
-        alpha=spec.metrics.alpha,
-    )
+    sweep_ids = ",".join(report["sweep_id"] for _, report, _ in parts)
+    report = ablation_report(spec, sweep_ids, trials, [arm.name for arm in spec.arm_list])
     sources = [
         PoolSource(
             folder=str(folder),

@@ -13,10 +13,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.lifecycle import TERMINAL, Status
 from orchestrator.sweeps.stats import CONFIDENCE, ArmSummary, Comparison, Direction, MetricReport, Observation, analyse
+
+if TYPE_CHECKING:
+    from orchestrator.sweeps.spec import SweepSpec
 
 _TERMINAL = frozenset(str(s) for s in TERMINAL)
 _SUCCEEDED = str(Status.SUCCEEDED)
@@ -295,6 +298,22 @@ def build_report(
         trials=rows,
         accelerator_hours=_hours(rows, arm_list),
         budget_hours=budget_hours,
+    )
+
+
+def ablation_report(spec: SweepSpec, sweep_id: str, trials: Sequence[TrialRow], arms: Sequence[str]) -> SweepReport:
+    """The report of an ablation sweep file's trials: its baseline, metrics, alpha and budget."""
+    return build_report(
+        spec.name,
+        sweep_id,
+        trials,
+        arms,
+        spec.baseline_arm,
+        spec.metrics.primary,
+        spec.metrics.direction,
+        spec.metrics.secondary,
+        budget_hours=spec.budget.accelerator_hours,
+        alpha=spec.metrics.alpha,
     )
 
 

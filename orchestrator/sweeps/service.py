@@ -302,23 +302,12 @@ def report_rows(session: Session, sweep: Sweep) -> list[Any]:
 def report_for(session: Session, sweep: Sweep) -> Any:
     """The sweep's report as it stands (partial while trials or their evaluations run): the paired statistics
     of an ablation, or the ranked trials of a search."""
-    from orchestrator.sweeps.report import build_report
+    from orchestrator.sweeps.report import ablation_report
 
     spec = SweepSpec.model_validate(sweep.spec)
     if spec.search is not None:
         return search_report(session, sweep, spec)
-    return build_report(
-        sweep.name,
-        str(sweep.id),
-        report_rows(session, sweep),
-        [arm.name for arm in sweep.arms],
-        spec.baseline_arm,
-        spec.metrics.primary,
-        spec.metrics.direction,
-        spec.metrics.secondary,
-        budget_hours=spec.budget.accelerator_hours,
-        alpha=spec.metrics.alpha,
-    )
+    return ablation_report(spec, str(sweep.id), report_rows(session, sweep), [arm.name for arm in sweep.arms])
 
 
 def search_report(session: Session, sweep: Sweep, spec: SweepSpec) -> Any:
