@@ -129,12 +129,14 @@ def test_the_cli_refuses_studies_that_are_not_parts_of_one_ablation(tmp_path: Pa
     (unfinished / "report.json").write_text(json.dumps(report | {"partial": True}))
     out = tmp_path / "out"
 
-    for parts, reason in (
-        ([part1, overlapping], "error: more repeats seed 1 of core: pooled seeds must differ"),
-        ([part1, unfinished], f"error: {unfinished}: the study has unfinished trials; pool finished studies only"),
-        ([part1, tmp_path / "none"], f"error: {tmp_path / 'none'} is not a study's evidence folder"),
+    fine = _study(tmp_path / "d", _spec("more", [2]), [])
+    for parts, extra, reason in (
+        ([part1, overlapping], [], "error: more repeats seed 1 of core: pooled seeds must differ"),
+        ([part1, unfinished], [], f"error: {unfinished}: the study has unfinished trials; pool finished studies only"),
+        ([part1, tmp_path / "none"], [], f"error: {tmp_path / 'none'} is not a study's evidence folder"),
+        ([part1, fine], ["--name", "../x y"], "error: --name '../x y': letters, digits and _.- only"),
     ):
-        command = [sys.executable, "-m", "api.shell.cli", "study-pool", *map(str, parts), "--out", str(out)]
+        command = [sys.executable, "-m", "api.shell.cli", "study-pool", *map(str, parts), "--out", str(out), *extra]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         assert done.stderr.strip().startswith(reason) and len(done.stderr.strip().splitlines()) == 1

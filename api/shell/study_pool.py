@@ -70,14 +70,24 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
     Raises ValueError with a one-line reason when a folder is not a finished study or the studies are not
     parts of one ablation; nothing is written then.
     """
-    from orchestrator.sweeps.report import TrialRow, ablation_report
-    from orchestrator.sweeps.spec import pooled
+    from pydantic import TypeAdapter, ValidationError
+
+    from orchestrator.sweeps.report import ablation_report
+    from orchestrator.sweeps.spec import SweepName, pooled
+
+    if name is not None:
+        try:
+            TypeAdapter(SweepName).validate_python(name)
+        except ValidationError:
+            raise ValueError(
+                f"--name {name!r}: letters, digits and _.- only, starting with a letter or digit"
+            ) from None
 
     parts = [_read_part(folder) for folder in folders]
     specs = [spec for spec, _, _ in parts]
     spec = pooled(specs)
     spec = spec.model_copy(update={"name": name or f"{specs[0].name}-pooled"})
-    trials = [_trial(TrialRow, row) for _, report, _ in parts for row in report["trials"]]
+    trials = [_trial(row) for _, report, _ in parts for row in report["trials"]]
     sweep_ids = ",".join(report["sweep_id"] for _, report, _ in parts)
     report = ablation_report(spec, sweep_ids, trials, [arm.name for arm in spec.arm_list])
     sources = [
@@ -94,7 +104,7 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
         for folder, part_spec, (_, _, record) in zip(folders, specs, parts, strict=True)
     ]
     floors, disagreements = _floors([[Floor(**f) for f in record.get("floors", [])] for _, _, record in parts])
-    record = PoolRecord(
+    pool = PoolRecord(
         name=spec.name,
         spec_hash=spec.spec_hash(),
         seeds=spec.seed_list,
@@ -109,16 +119,16 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
         "sweep.yaml": _pooled_yaml(spec, sources),
         "report.json": json.dumps(report_json, indent=2, allow_nan=False) + "\n",
         "report.csv": report.to_csv(),
-        "report.md": _header(record)
+        "report.md": _header(pool)
         + summary_markdown(report_json, floors)
         + report.to_markdown().rstrip()
         + "\n\n"
         + floors_markdown(floors),
-        "pool.json": json.dumps(asdict(record), indent=2) + "\n",
+        "pool.json": json.dumps(asdict(pool), indent=2) + "\n",
     }
     files.update(_plots(report))
     _write_folder(out, files)
-    return record
+    return pool
 
 
 def code_changes(commits: list[str], repo: Path) -> list[str] | None:
@@ -160,10 +170,12 @@ def _read_part(folder: Path) -> tuple[SweepSpec, dict[str, Any], dict[str, Any]]
     return spec, report, record
 
 
-def _trial(row_type: type[TrialRow], row: dict[str, Any]) -> TrialRow:
+def _trial(row: dict[str, Any]) -> TrialRow:
     """A trial as its report wrote it, with the null that stood for a non-finite value back as NaN."""
+    from orchestrator.sweeps.report import TrialRow
+
     metrics = {key: float("nan") if value is None else float(value) for key, value in row["metrics"].items()}
-    return row_type(**{**row, "metrics": metrics})
+    return TrialRow(**{**row, "metrics": metrics})
 
 
 def _floors(parts: list[list[Floor]]) -> tuple[list[Floor], list[str]]:
