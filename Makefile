@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup data demo study study-k study-16ep study-16ep-5seeds test test-fast lint typecheck pytest services bench clean
+.PHONY: setup data demo study study-k study-16ep study-16ep-5seeds study-k-16ep test test-fast lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,12 @@ study-16ep-5seeds: study-16ep
 	$(BIN)/orchestrator study paper_core_tiny_16ep_seeds34
 	$(BIN)/orchestrator study-pool results/paper_core_tiny_16ep results/paper_core_tiny_16ep_seeds34 \
 		--out results/paper_core_tiny_16ep_5seeds --name paper-core-tiny-16ep-5seeds
+
+# The k ablation at 16 epochs, one seed per session (about 1 h 40 min each on 2 cores): seed 0 so far,
+# results/paper_k_tiny_16ep_seed0/
+study-k-16ep: setup
+	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
+	$(BIN)/orchestrator study paper_k_tiny_16ep_seed0
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
