@@ -215,3 +215,20 @@ def test_plots_render(fmt: Literal["png", "svg"]) -> None:
 def test_plots_reject_unknown_format() -> None:
     with pytest.raises(ValueError, match="format"):
         metric_plot(analyse(KNN, [], ["dino"], "dino"), "jpg")  # type: ignore[arg-type]
+
+
+def test_plot_labels_say_which_correction_their_p_values_carry() -> None:
+    """A difference plot's Holm runs over one metric's arms: with a single arm it corrects nothing, and the
+    figure says 'uncorrected' rather than print a 'Holm p' a reader would take for the study-wide one."""
+    data = [Observation(arm, seed, knn) for arm in ARMS for seed, (knn, _) in VALUES[arm].items()]
+    two = analyse(KNN, [o for o in data if o.arm in ("dino", "selfpatch")], ["dino", "selfpatch"], "dino")
+    many = analyse(KNN, data, list(ARMS), "dino")
+    assert len(two.comparisons) == 1 and len(many.comparisons) > 1
+    single = differences_plot(two, "svg").decode()
+    several = differences_plot(many, "svg").decode()
+    assert "uncorrected" in single and "Holm p =" not in single
+    assert "Holm p =" in several and "uncorrected" not in several
+    for figure in (single, several):
+        assert "Holm across this metric's arms only, not across metrics" in figure
+    title = metric_plot(two, "svg").decode()  # two lines, so it fits the narrow figure of two arms
+    assert f"<!-- {KNN} (higher is better) -->" in title and "<!-- mean ± 95% t CI, dots are seeds -->" in title

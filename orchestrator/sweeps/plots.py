@@ -73,7 +73,7 @@ def metric_plot(
     if not means:
         _empty(ax, "no values yet")
     ax.set_ylabel(report.metric)
-    title = f"{report.metric} ({_better(report)}): mean ± {CONFIDENCE:.0%} t CI, dots are seeds"
+    title = f"{report.metric} ({_better(report)})\nmean ± {CONFIDENCE:.0%} t CI, dots are seeds"  # fits 2 arms
     ax.set_title(title + note, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _render(fig, fmt)
@@ -87,6 +87,9 @@ def differences_plot(report: MetricReport, fmt: Format = "png") -> bytes:
     base = values.get(report.baseline, {})
     colors = _colors([a.arm for a in report.arms], report.baseline)
     ax.axvline(0.0, color="0.4", lw=1, ls="--", zorder=1)
+    # Holm here is over this metric's arms only: with one arm it corrects nothing, and the label says so, so
+    # the figure is not read as a study's correction over all its metrics
+    several = len(report.comparisons) > 1
     for y, c in enumerate(report.comparisons):
         ours = values.get(c.arm, {})
         diffs = [ours[s] - base[s] for s in sorted(ours.keys() & base.keys())]
@@ -98,7 +101,9 @@ def differences_plot(report: MetricReport, fmt: Format = "png") -> bytes:
             xerr = [[c.mean_diff - c.ci_low], [c.ci_high - c.mean_diff]]
         ax.errorbar([c.mean_diff], [y], xerr=xerr, fmt="D", ms=6, capsize=5, color=colors[c.arm], zorder=3)
         mark = {"not significant": "n.s.", "undetermined": "no test"}.get(c.verdict, c.verdict)
-        p = "" if c.p_holm is None else f"  (Holm p = {c.p_holm:.3g})"
+        p = ""
+        if c.p is not None and c.p_holm is not None:
+            p = f"  (p = {c.p:.3g}, Holm p = {c.p_holm:.3g})" if several else f"  (p = {c.p:.3g}, uncorrected)"
         ax.annotate(f"{mark}{p}", (c.mean_diff, y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=7)
     ax.set_yticks(range(len(report.comparisons)), [c.arm for c in report.comparisons])
     ax.set_ylim(-0.7, max(len(report.comparisons), 1) - 0.3)
@@ -108,8 +113,8 @@ def differences_plot(report: MetricReport, fmt: Format = "png") -> bytes:
     arrow = "→ better" if report.direction == "max" else "← better"
     ax.set_xlabel(f"{report.metric}: arm − {report.baseline}   ({arrow})")
     ax.set_title(
-        f"paired difference vs {report.baseline}: mean ± {CONFIDENCE:.0%} t CI, dots are seeds "
-        f"(Holm α = {report.alpha:g})",
+        f"paired difference vs {report.baseline}: mean ± {CONFIDENCE:.0%} t CI, dots are seeds\n"
+        f"verdicts at α = {report.alpha:g}, Holm across this metric's arms only, not across metrics",
         fontsize=9,
     )
     ax.grid(axis="x", alpha=0.3)
