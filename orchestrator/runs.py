@@ -331,7 +331,8 @@ def list_runs(session: Session, filters: RunFilters, page_size: int) -> tuple[li
     if filters.page_token:
         params["after_time"], params["after_id"] = cursor_key(filters.page_token, uuid.UUID)
     items: list[RunListItem] = []
-    for row in session.execute(_list_statement(frozenset(params)), params):
+    # all rows in one fetch: iterating a result fetches them one by one, a driver call each
+    for row in session.execute(_list_statement(frozenset(params)), params).all():
         if not items or items[-1].id != row[0]:  # rows of one run are consecutive: ordered by run first
             items.append(RunListItem(*row[:_RUN_WIDTH], attempts=[]))  # type: ignore[misc]
         if row[_RUN_WIDTH] is not None:  # a run without attempts has one row of NULL attempt columns

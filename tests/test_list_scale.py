@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
 
 from api.main import create_app
 from orchestrator.db.migrate import upgrade
@@ -20,7 +21,7 @@ from orchestrator.db.models import Attempt, Experiment, Run, utcnow
 from orchestrator.db.session import Database
 from orchestrator.lifecycle import Status
 from orchestrator.runs import RunFilters, list_runs, resolve_submission, submit_run
-from orchestrator.schemas import RunCreate
+from orchestrator.schemas import Page, RunCreate, RunSummary
 from tests.support import auth, make_settings
 
 COUNT = 1200
@@ -227,3 +228,66 @@ def test_a_preset_request_is_resolved_once_per_version_of_its_files(tmp_path: Pa
     assert second is not first and second.config.optim.batch_size_per_gpu == 128
     assert second.config_hash == second.config.config_hash() != first.config_hash
     assert second.as_json == second.config.model_dump(mode="json")
+
+
+def test_a_rest_page_is_the_validated_run_summary_page_byte_for_byte(tmp_path: Path, db_url: str) -> None:
+    """GET /runs serializes its rows without building models, so the page must equal, byte for byte, what
+    validating it as Page[RunSummary] and dumping it again gives: no field missing, extra, renamed or
+    differently formatted (UTC datetimes, enums, floats, nested attempts, nulls)."""
+    settings = make_settings(tmp_path / "home", db_url)
+    with TestClient(create_app(settings)) as client:
+        first = client.post(
+            "/api/v1/runs", json={"experiment": "e", "preset": "tiny_cpu", "launcher": "dryrun"}, headers=auth()
+        )
+        run_id = uuid.UUID(first.json()["id"])
+        db = client.app.state.orch.db  # type: ignore[attr-defined]
+        with db.transaction() as session:
+            run = session.get(Run, run_id)
+            run.progress = {"epoch": 3, "loss": 6.25, "collapsed": {"reason": "teacher uniform"}}
+            run.mlflow_run_id, run.mlflow_experiment_id = "abc123", "7"
+            run.started_at = run.ended_at = utcnow()
+            run.status, run.status_reason = Status.FAILED.value, "exit 137"
+            session.add(Attempt(job_id=run_id, number=2, backend="slurm", state="ended", exit_code=0, host="n1"))
+            session.add(
+                Attempt(
+                    job_id=run_id, number=1, backend="slurm", state="ended", exit_code=137, accelerator_seconds=12.5
+                )
+            )
+        client.post(
+            "/api/v1/runs", json={"experiment": "f", "preset": "tiny_cpu", "launcher": "dryrun"}, headers=auth()
+        )
+        response = client.get("/api/v1/runs", params={"page_size": 1, "status": "failed"}, headers=auth())
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    page_type = TypeAdapter(Page[RunSummary])
+    assert page_type.dump_json(page_type.validate_json(response.content)) == response.content
+    item = response.json()["items"][0]
+    assert item["id"] == str(run_id) and item["status"] == "failed" and item["collapsed"] == "teacher uniform"
+    assert [(a["number"], a["exit_code"], a["accelerator_seconds"]) for a in item["attempts"]] == [
+        (1, 137, 12.5),
+        (2, 0, None),
+    ]
+    assert item["created_at"].endswith("Z") and item["attempts"][0]["submitted_at"].endswith("Z")
+    assert response.json()["next_page_token"] is None
+
+
+def test_timestamps_read_back_in_utc_whatever_the_session_time_zone(db_url: str) -> None:
+    """PostgreSQL sessions are pinned to UTC so values pass through as read; a session in another zone (a
+    connection made elsewhere) still reads the same instants as UTC-aware datetimes."""
+    upgrade(db_url)
+    db = Database(db_url)
+    stamp = utcnow().replace(microsecond=123456)
+    try:
+        with db.transaction() as session:
+            session.add(Experiment(name="tz", description="", eval_policy={}, created_at=stamp))
+        with db.sessions() as session:
+            read = session.scalar(sa.select(Experiment.created_at).where(Experiment.name == "tz"))
+        assert read == stamp and read is not None and read.tzinfo is UTC
+        if db.url.startswith("postgresql"):
+            tokyo = sa.create_engine(db.url, connect_args={"options": "-c TimeZone=Asia/Tokyo"})
+            with tokyo.connect() as connection:
+                assert connection.exec_driver_sql("SHOW TimeZone").scalar() == "Asia/Tokyo"
+                other = connection.execute(sa.select(Experiment.created_at)).scalar()
+            tokyo.dispose()
+            assert other == stamp and other is not None and other.tzinfo is UTC
+    finally:
+        db.dispose()

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field, TypeAdapter
+from pydantic import Field
+from pydantic_core import to_json
 from sqlalchemy import select
 
 from api.deps import Admin, IdempotencyKey, Reader, SessionDep, StateDep
@@ -79,11 +80,6 @@ def _summary_fields(run: Run | RunListItem, mlflow: MlflowBridge) -> dict[str, A
     )
 
 
-#: A page of runs validated and serialized in one call (pydantic-core), returned as bytes: FastAPI would
-#: validate the page again against the response model.
-RUN_PAGE: TypeAdapter[Page[RunSummary]] = TypeAdapter(Page[RunSummary])
-
-
 def _dump(model: Any) -> dict[str, Any]:
     data: dict[str, Any] = model.model_dump(mode="json")
     return data
@@ -144,10 +140,11 @@ def submit(
     description="Items carry everything but the config (GET /runs/{id} has it).",
 )
 def list_(session: SessionDep, state: StateDep, _: Reader, query: Annotated[RunListQuery, Query()]) -> Response:
+    # serialized from the typed columns it was read from, without building RunSummary models (a third of a
+    # page's CPU); a test checks the bytes equal the validated Page[RunSummary]'s
     runs, token = list_runs(session, query, query.page_size)
-    items = [_summary_fields(r, state.mlflow) for r in runs]
-    listed = RUN_PAGE.validate_python({"items": items, "next_page_token": token}, from_attributes=True)
-    return Response(RUN_PAGE.dump_json(listed), media_type="application/json")
+    items = [_summary_fields(r, state.mlflow) | {"attempts": [a._asdict() for a in r.attempts]} for r in runs]
+    return Response(to_json({"items": items, "next_page_token": token}), media_type="application/json")
 
 
 @router.get("/{run_id}", response_model=RunPublic, summary="Show one run with its attempts")
