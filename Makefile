@@ -46,11 +46,15 @@ study-16ep-5seeds: study-16ep
 	$(BIN)/orchestrator study-pool results/paper_core_tiny_16ep results/paper_core_tiny_16ep_seeds34 \
 		--out results/paper_core_tiny_16ep_5seeds --name paper-core-tiny-16ep-5seeds
 
-# The k ablation at 16 epochs, one seed per session (about 1 h 40 min each on 2 cores): seed 0 so far,
-# results/paper_k_tiny_16ep_seed0/
+# The k ablation at 16 epochs: three seeds as three sweeps (about 1 h 40 min each on 2 cores; rerun to resume),
+# then one analysis of all of them: results/paper_k_tiny_16ep/
 study-k-16ep: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
 	$(BIN)/orchestrator study paper_k_tiny_16ep_seed0
+	$(BIN)/orchestrator study paper_k_tiny_16ep_seed1
+	$(BIN)/orchestrator study paper_k_tiny_16ep_seed2
+	$(BIN)/orchestrator study-pool results/paper_k_tiny_16ep_seed0 results/paper_k_tiny_16ep_seed1 \
+		results/paper_k_tiny_16ep_seed2 --out results/paper_k_tiny_16ep --name paper-k-tiny-16ep
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
