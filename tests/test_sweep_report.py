@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import replace
 from typing import Literal
 
 import pytest
@@ -232,3 +233,15 @@ def test_plot_labels_say_which_correction_their_p_values_carry() -> None:
         assert "Holm across this metric's arms only, not across metrics" in figure
     title = metric_plot(two, "svg").decode()  # two lines, so it fits the narrow figure of two arms
     assert f"<!-- {KNN} (higher is better) -->" in title and "<!-- mean ± 95% t CI, dots are seeds -->" in title
+
+
+def test_collapsed_trials_are_named_in_the_report_and_still_counted() -> None:
+    trials = all_trials()
+    reason = "collapsed (uniform teacher on the patch head at step 410: H(P_t) = 0.977 ln K)"
+    trials[0] = replace(trials[0], collapsed=reason)
+    report = make(trials)
+    text = report.to_markdown()
+    assert "> **Collapsed**" in text and f"> - {trials[0].arm} seed {trials[0].seed}: {reason}" in text
+    assert report.to_json()["trials"][0]["collapsed"] == reason
+    assert report.primary.arms[0].n == make(all_trials()).primary.arms[0].n  # its value still counts
+    assert "Collapsed" not in make(all_trials()).to_markdown()

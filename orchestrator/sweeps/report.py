@@ -66,6 +66,7 @@ class TrialRow:
     run_id: str
     metrics: dict[str, float]
     accelerator_seconds: float
+    collapsed: str | None = None  # why the trainer flagged the run as collapsed (its values still count)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,14 @@ class SweepReport:
                 "",
             ]
         out += [f"Trials: {len(self.trials)} ({counts}). Only succeeded trials contribute values.", ""]
+        flagged = [t for t in self.trials if t.collapsed]
+        if flagged:
+            out += [
+                "> **Collapsed**: the trainer flagged these runs; their values count, as what the setting gives, "
+                "but a head that collapsed explains them:",
+                *(f"> - {_md(t.arm)} seed {t.seed}: {_md(t.collapsed or '')}" for t in flagged),
+                "",
+            ]
         for role, report in self._roles():
             out += self._metric_markdown(role, report)
         if self.secondary:

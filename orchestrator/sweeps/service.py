@@ -294,6 +294,7 @@ def report_rows(session: Session, sweep: Sweep) -> list[Any]:
             run_id=str(trial.id),
             metrics=final_metrics(session, trial),
             accelerator_seconds=cost.get(trial.id, 0.0),
+            collapsed=(trial.progress.get("collapsed") or {}).get("reason"),
         )
         for trial in trials_of(session, sweep)
     ]
