@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -38,18 +39,20 @@ def seed(db_url: str, home: Path, count: int) -> dict[str, str]:
     returns the query string of each measured list."""
     reconciler_scale.seed(db_url, home, 0, count)
     engine = sa.create_engine(db_url)
-    second = uuid.uuid4()
+    second: uuid.UUID | str = uuid.uuid4()
+    if db_url.startswith("sqlite"):  # a plain text() query binds the UUID as SQLAlchemy stores it there
+        second = second.hex
     with engine.begin() as connection:
         connection.execute(
             sa.text(
                 "INSERT INTO experiments (id, name, description, eval_policy, created_at) VALUES "
                 "(:id, 'second', '', '{}', CURRENT_TIMESTAMP)"
             ),
-            {"id": second.hex if db_url.startswith("sqlite") else second},
+            {"id": second},
         )
         connection.execute(
             sa.text("UPDATE runs SET experiment_id = :id WHERE name LIKE '%7'"),
-            {"id": second.hex if db_url.startswith("sqlite") else second},
+            {"id": second},
         )
         connection.execute(
             sa.text("UPDATE jobs SET status = 'failed' WHERE id IN (SELECT id FROM runs WHERE name LIKE '%3')")
@@ -63,8 +66,6 @@ def seed(db_url: str, home: Path, count: int) -> dict[str, str]:
             connection.exec_driver_sql("ANALYZE")
     engine.dispose()
     if isinstance(created_at, str):  # SQLite returns its text form through a plain text() query
-        from datetime import UTC, datetime
-
         created_at = datetime.fromisoformat(created_at).replace(tzinfo=UTC)
     if not isinstance(ident, uuid.UUID):
         ident = uuid.UUID(str(ident))

@@ -526,6 +526,12 @@ class CollapseEntry(BaseModel):
     reason: Reason
 
 
+def collapse_reason(progress: dict[str, Any]) -> str | None:
+    """Why the trainer flagged the run as collapsed (what `ingest_collapse` recorded), or None."""
+    reason: str | None = (progress.get("collapsed") or {}).get("reason")
+    return reason
+
+
 def ingest_collapse(session: Session, run: Run, actor: str, lines: list[str]) -> None:
     """The trainer found the run collapsed: an event of the run and `progress.collapsed` (REST shows it)."""
     if run.progress.get("collapsed"):

@@ -24,7 +24,7 @@ from orchestrator.evaluations import validate_policy
 from orchestrator.experiments import get_or_create_experiment
 from orchestrator.jobs.records import cancel, parse_uuid
 from orchestrator.lifecycle import TERMINAL, Status
-from orchestrator.runs import SubmittedRun, resolve_config, retry_run, submit_run
+from orchestrator.runs import SubmittedRun, collapse_reason, resolve_config, retry_run, submit_run
 from orchestrator.schemas import EvalPolicy, RunCreate
 from orchestrator.settings import Settings
 from orchestrator.sweeps.search import create_search_job, search_of, validate_search
@@ -294,7 +294,7 @@ def report_rows(session: Session, sweep: Sweep) -> list[Any]:
             run_id=str(trial.id),
             metrics=final_metrics(session, trial),
             accelerator_seconds=cost.get(trial.id, 0.0),
-            collapsed=(trial.progress.get("collapsed") or {}).get("reason"),
+            collapsed=collapse_reason(trial.progress),
         )
         for trial in trials_of(session, sweep)
     ]
