@@ -81,7 +81,8 @@ class Job(Base):
     __table_args__: tuple[Any, ...] = (
         Index("ix_jobs_kind_created", "kind", "created_at", "id"),
         Index("ix_jobs_created", "created_at", "id"),  # lists of runs (train and trial kinds) newest first
-        Index("ix_jobs_status", "status"),
+        # lists filtered by status newest first, and the reconciler's active statuses (the leading column)
+        Index("ix_jobs_status_created", "status", "created_at", "id"),
         # terminal jobs whose status MLflow has not been told yet: a pass looks only at those
         Index(
             "ix_jobs_unsynced",
