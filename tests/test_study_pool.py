@@ -98,9 +98,31 @@ def test_pooling_analyses_every_seed_pair_as_one_sweep(tmp_path: Path) -> None:
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# Pooled study: core-5") and "| 2 | `core-more` | 3, 4 |" in markdown
     assert "| dense_linear/mIoU | selfpatch | 5 |" in markdown and "Floors differ between the parts" in markdown
+    assert "reported before sweep reports named collapsed trials" not in markdown
     assert json.loads((out / "pool.json").read_text())["sources"][1]["folder"] == str(part2)
     assert (out / "plots" / "metric.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part1", "part2", "pooled"]  # no staging left
+
+
+def test_collapsed_trials_are_named_and_parts_reported_before_the_flag_are_said_to_lack_it(tmp_path: Path) -> None:
+    part1 = _study(tmp_path / "part1", _spec("core", [0, 1, 2]), [])
+    report = json.loads((part1 / "report.json").read_text())
+    for row in report["trials"]:  # as reports were written before they carried the flag
+        del row["collapsed"]
+    (part1 / "report.json").write_text(json.dumps(report))
+    part2 = _study(tmp_path / "part2", _spec("core-more", [3, 4]), [])
+    report = json.loads((part2 / "report.json").read_text())
+    report["trials"][1]["collapsed"] = "patch teacher uniform at step 410"
+    (part2 / "report.json").write_text(json.dumps(report))
+
+    record = pool_studies([part1, part2], tmp_path / "pooled")
+
+    assert [source.collapse_flags for source in record.sources] == [False, True]
+    markdown = (tmp_path / "pooled" / "report.md").read_text()
+    assert "Part 1 was reported before sweep reports named collapsed trials" in markdown
+    assert "> - selfpatch seed 3: patch teacher uniform at step 410" in markdown
+    trials = json.loads((tmp_path / "pooled" / "report.json").read_text())["trials"]
+    assert [t["collapsed"] for t in trials if t["collapsed"]] == ["patch teacher uniform at step 410"]
 
 
 def test_code_that_changed_between_the_parts_commits_is_named(tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ class PoolSource:
     commit: str
     dirty: bool
     sweep_wall_s: float
+    #: whether its report says which trials the trainer flagged as collapsed (reports before the flag do not)
+    collapse_flags: bool = True
 
 
 @dataclass
@@ -100,8 +102,9 @@ def pool_studies(folders: list[Path], out: Path, name: str | None = None, repo: 
             commit=record["commit"],
             dirty=bool(record["dirty"]),
             sweep_wall_s=float(record["sweep_wall_s"]),
+            collapse_flags=all("collapsed" in row for row in part_report["trials"]),
         )
-        for folder, part_spec, (_, _, record) in zip(folders, specs, parts, strict=True)
+        for folder, part_spec, (_, part_report, record) in zip(folders, specs, parts, strict=True)
     ]
     floors, disagreements = _floors([[Floor(**f) for f in record.get("floors", [])] for _, _, record in parts])
     pool = PoolRecord(
@@ -213,13 +216,20 @@ def _header(record: PoolRecord) -> str:
         if not record.floor_disagreements
         else "Floors differ between the parts (the first part's are shown): " + "; ".join(record.floor_disagreements)
     )
+    unflagged = [str(index) for index, source in enumerate(record.sources, start=1) if not source.collapse_flags]
+    collapse = (
+        f" Part {', '.join(unflagged)} was reported before sweep reports named collapsed trials: a trial of it whose "
+        "head collapsed is not marked here (its training log says)."
+        if unflagged
+        else ""
+    )
     return (
         f"# Pooled study: {record.name}\n\n"
         f"{len(record.sources)} studies of one ablation with disjoint seeds, analysed as one sweep with seeds "
         f"{', '.join(str(s) for s in record.seeds)} (`sweep.yaml`, spec {record.spec_hash[:12]}: run it to "
         "train every seed at once). Training curves are in each part's folder.\n\n"
         + "\n".join(rows)
-        + f"\n\n{code} {floors}\n\n"
+        + f"\n\n{code} {floors}{collapse}\n\n"
     )
 
 
