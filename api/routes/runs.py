@@ -6,10 +6,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
-from pydantic_core import to_json
 from sqlalchemy import select
 
 from api.deps import Admin, IdempotencyKey, Reader, SessionDep, StateDep
@@ -142,10 +142,12 @@ def submit(
 )
 def list_(session: SessionDep, state: StateDep, _: Reader, query: Annotated[RunListQuery, Query()]) -> Response:
     # serialized from the typed columns it was read from, without building RunSummary models (a third of a
-    # page's CPU); a test checks the bytes equal the validated Page[RunSummary]'s
+    # page's CPU), by orjson (3x faster than pydantic-core's type inference on these dicts; UTC as "Z" as pydantic
+    # writes it); a test checks the bytes equal the validated Page[RunSummary]'s
     runs, token = list_runs(session, query, query.page_size)
     items = [_summary_fields(r, state.mlflow) | {"attempts": [a._asdict() for a in r.attempts]} for r in runs]
-    return Response(to_json({"items": items, "next_page_token": token}), media_type="application/json")
+    page = orjson.dumps({"items": items, "next_page_token": token}, option=orjson.OPT_UTC_Z)
+    return Response(page, media_type="application/json")
 
 
 @router.get("/{run_id}", response_model=RunPublic, summary="Show one run with its attempts")
