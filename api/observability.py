@@ -82,6 +82,20 @@ _effective_routes: Callable[[Sequence[BaseRoute]], Iterable[Any]] = getattr(
 )
 
 
+def route_templates(routes: Sequence[BaseRoute]) -> dict[int, tuple[BaseRoute, str]]:
+    """Each route object's full template (prefixes of included routers applied), by `id`; a route reachable
+    under two templates is left out, so it is matched again instead of labelled with the wrong one."""
+    table: dict[int, tuple[BaseRoute, str]] = {}
+    ambiguous: set[int] = set()
+    for context in _effective_routes(routes):
+        route = getattr(context, "original_route", context)
+        key, template = id(route), str(context.path_format)
+        if key in table and table[key][1] != template:
+            ambiguous.add(key)
+        table[key] = (route, template)
+    return {key: entry for key, entry in table.items() if key not in ambiguous}
+
+
 def route_template(scope: Scope) -> str:
     """The template of the route a request goes to (`/api/v1/runs/{run_id}`, a mount's `/mlflow/{path}`),
     found the way the router finds it (first full match, else the first partial one: a 405), or
@@ -101,6 +115,7 @@ class Observability:
 
     def __init__(self, app: ASGIApp, access_log: bool = False) -> None:
         self.app, self.access_log = app, access_log
+        self._templates: dict[int, tuple[BaseRoute, str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,11 +138,21 @@ class Observability:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._observe(arrived, status, time.perf_counter() - started)
+            self._observe(arrived, self._template(arrived, scope.get("route")), status, time.perf_counter() - started)
             _request_id.reset(token)
 
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = route_template(scope)  # after the response: the client does not wait for it
+    def _template(self, arrived: Scope, matched: BaseRoute | None) -> str:
+        """The route's template: looked up from the route the router matched (it leaves it in the scope), else
+        found by matching again (mounts, unmatched paths). A matched route in an included router knows only its
+        own path, hence the table from each route to its full template, built on the first request."""
+        if self._templates is None:
+            self._templates = route_templates(getattr(arrived.get("app"), "routes", []))
+        known = self._templates.get(id(matched)) if matched is not None else None
+        if known is not None and known[0] is matched:
+            return known[1]
+        return route_template(arrived)  # after the response: the client does not wait for it
+
+    def _observe(self, scope: Scope, route: str, status: int, seconds: float) -> None:
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         scrape = route == METRICS_PATH
         if not scrape:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
-from api.observability import JsonFormatter, RequestIdFilter
+from api.observability import JsonFormatter, Observability, RequestIdFilter, route_template
 from orchestrator import metrics
 from orchestrator.jobs.fake import FakeLauncher
 from orchestrator.launchers import Launchers
@@ -92,6 +92,47 @@ def test_request_latency_is_labelled_by_route_template_and_status(client: TestCl
     routes = {dict(labels).get("route") for name, labels in after if name.startswith("orch_http_request")}
     assert "/metrics" not in routes  # scrapes are left out
     assert not any(run_id in str(route) for route in routes for run_id in missing)  # never a raw path
+
+
+def test_a_matched_routes_template_is_the_one_matching_again_would_find(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The label comes from the route the router matched (a table lookup), not from matching every route
+    again after the response; both give the same template, included routers' prefixes and 405s alike."""
+    seen: list[tuple[str, str, str, bool]] = []
+    looked_up = Observability._template
+
+    def spy(self: Observability, arrived: Any, matched: Any) -> str:
+        template = looked_up(self, arrived, matched)
+        from_table = matched is not None and id(matched) in (self._templates or {})
+        seen.append((arrived["path"], template, route_template(arrived), from_table))
+        return template
+
+    monkeypatch.setattr(Observability, "_template", spy)
+    run = uuid.uuid4()
+    for method, path in [
+        ("GET", "/api/v1/runs"),
+        ("GET", f"/api/v1/runs/{run}"),
+        ("GET", f"/api/v1/runs/{run}/events"),
+        ("DELETE", "/api/v1/runs"),
+        ("GET", "/api/v1/sweeps/x/report"),
+        ("POST", "/healthz"),
+        ("GET", "/"),
+        ("GET", f"/runs/{run}"),
+        ("GET", "/no/such/page"),
+        ("GET", "/mlflow/ajax-api/2.0/mlflow/experiments/search"),
+    ]:
+        client.request(method, path, headers=auth(), follow_redirects=False)
+    assert [(path, template, again) for path, template, again, _ in seen if template != again] == []
+    assert {template for _, template, _, from_table in seen if from_table} >= {
+        "/api/v1/runs",
+        "/api/v1/runs/{run_id}",
+        "/api/v1/runs/{run_id}/events",
+        "/api/v1/sweeps/{sweep}/report",
+        "/healthz",
+        "/runs/{run_id}",
+    }
+    assert ("/no/such/page", "<unmatched>", "<unmatched>", False) in seen
 
 
 def test_request_ids_round_trip(client: TestClient) -> None:
