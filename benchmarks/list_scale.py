@@ -100,15 +100,16 @@ def bench(name: str, db_url: str, args: argparse.Namespace) -> list[dict[str, ob
         lists = seed(db_url, home, args.runs)
         proc, url = api_load.serve(db_url, home)
         try:
+            database = postmaster() if name == "postgresql" else None  # SQLite runs inside the server
             for what, query in lists.items():
                 api_load.REQUESTS[what] = ("GET", f"/api/v1/runs?{query}", None, api_load.AUTH)
                 asyncio.run(api_load.load("aiohttp", url, what, 50, args.clients))  # warm-up
-                database = postmaster() if name == "postgresql" else None  # SQLite runs inside the server
-                client, db_before = time.process_time(), api_load.cpu_seconds(database) if database else 0.0
+                client_before = time.process_time()
+                db_before = api_load.cpu_seconds(database) if database else 0.0
                 seconds, latencies, errors, cpu = api_load.measured(
                     proc.pid, api_load.load("aiohttp", url, what, args.requests, args.clients)
                 )
-                client = time.process_time() - client
+                client = time.process_time() - client_before
                 db_cpu = api_load.cpu_seconds(database) - db_before if database else 0.0
                 row = api_load.row(name, what, args.requests / seconds, latencies, errors, cpu / args.requests)
                 row["client_cpu_ms"] = client / args.requests * 1000
