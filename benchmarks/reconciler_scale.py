@@ -121,6 +121,7 @@ def seed(db_url: str, home: Path, active: int, finished: int) -> list[Path]:
                 "config_hash": hashlib.sha256(str(i).encode()).hexdigest(),
                 "output_dir": str(folder / "train"),
                 "progress": {},
+                "listed_at": created,
             }
         )
         attempts.append(

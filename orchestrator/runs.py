@@ -263,7 +263,7 @@ def submit_run(
         kind=str(model.__mapper__.polymorphic_identity),
     )
     job = {c: getattr(run, c) for c in _JOB_COLUMNS} | {"mlflow_synced": False}
-    row = {c: getattr(run, c) for c in _RUN_COLUMNS} | {"experiment_id": experiment_id}
+    row = {c: getattr(run, c) for c in _RUN_COLUMNS} | {"experiment_id": experiment_id, "listed_at": now}
     submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
     event = event_row(run.id, "transition", actor, reason, None, Status.QUEUED.value, submitted)
     if session.get_bind().dialect.name == "postgresql":  # one statement, one round trip
@@ -311,7 +311,9 @@ _SUBMISSION = (
     insert(EVENTS)
     .values(_bound(EVENTS, "event_", ("job_id", "kind", "actor", "reason", "from_status", "to_status", "data", "at")))
     .add_cte(insert(JOBS).values(_bound(JOBS, "job_", (*_JOB_COLUMNS, "mlflow_synced"))).cte("submitted_job"))
-    .add_cte(insert(RUNS).values(_bound(RUNS, "run_", (*_RUN_COLUMNS, "experiment_id"))).cte("submitted_run"))
+    .add_cte(
+        insert(RUNS).values(_bound(RUNS, "run_", (*_RUN_COLUMNS, "experiment_id", "listed_at"))).cte("submitted_run")
+    )
 )
 
 
@@ -358,11 +360,17 @@ def _list_statement(given: frozenset[str]) -> Select[Any]:
     if "sweep" in given:
         query = query.where(RUNS.c.sweep_id == bindparam("sweep", type_=RUNS.c.sweep_id.type))
     if "experiment" in given:  # a filter: an experiment that does not exist has no runs
-        query = query.where(EXPERIMENTS.c.name == bindparam("experiment"))
+        # its id as a scalar subquery, a constant to the planner: then the run index can give the order (the
+        # join on the name could not on PostgreSQL, which orders a nested loop by its outer side only)
+        named = select(EXPERIMENTS.c.id).where(EXPERIMENTS.c.name == bindparam("experiment")).scalar_subquery()
+        query = query.where(RUNS.c.experiment_id == named)
+    # the same key either way: a page of one experiment or sweep walks that run index, whose copy of created_at
+    # sits beside the filtered column (an index cannot span jobs and runs); other pages walk a jobs index
+    key = (RUNS.c.listed_at, RUNS.c.id) if given & {"experiment", "sweep"} else (JOBS.c.created_at, JOBS.c.id)
     after = None
     if "after_time" in given:
         after = (bindparam("after_time", type_=JOBS.c.created_at.type), bindparam("after_id", type_=JOBS.c.id.type))
-    listed = newest_first(query, JOBS.c.created_at, JOBS.c.id, after).limit(bindparam("limit")).subquery("listed")
+    listed = newest_first(query, *key, after).limit(bindparam("limit")).subquery("listed")
     return (
         select(*listed.c, *_ATTEMPT_COLUMNS)
         .select_from(listed.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == listed.c.id))

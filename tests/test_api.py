@@ -49,7 +49,7 @@ def count_rows(settings: Any, model: Any) -> int:
 def test_health_is_open_and_everything_else_needs_a_token(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["schema"] == "0007"
+    assert ready.status_code == 200 and ready.json()["schema"] == "0008"
     for method, path in [("GET", "/api/v1/runs"), ("POST", "/api/v1/runs"), ("GET", "/api/v1/experiments")]:
         response = client.request(method, path, json={})
         assert response.status_code == 401

@@ -160,12 +160,11 @@ def _statement_of(db: Database, filters: RunFilters) -> tuple[str, Any]:
 
 
 def test_filtered_pages_read_their_runs_through_an_index(db_url: str) -> None:
-    """A page filtered by status walks jobs (status, created_at, id) newest first and stops at the page size on
-    both databases, without statistics (it sorted every failed run before: 80 ms a page at 100,000 runs on
-    SQLite). A page of one sweep reads that sweep's runs by its index. A page of one experiment walks the
-    newest-first index on PostgreSQL, whose statistics know an experiment is large; SQLite, left without
-    statistics on purpose (its ANALYZE counts the runs outside any sweep as one huge sweep, and a sweep's page
-    then scanned every run, for seconds at 100,000), reads the experiment's runs by its index and sorts them."""
+    """Filtered pages are index walks newest first that stop at the page size, on both databases and without
+    statistics (SQLite has none on purpose: its ANALYZE counts the runs outside any sweep as one huge sweep, and
+    a sweep's page then scanned every run). By status: jobs (status, created_at, id); it sorted every failed run
+    before, 80 ms a page at 100,000 runs on SQLite. By experiment or sweep: runs (experiment_id | sweep_id,
+    listed_at, id), the cursor of a deep page an index bound; SQLite sorted a large experiment's runs before."""
     upgrade(db_url)
     seed(db_url)
     db = Database(db_url)
@@ -174,15 +173,25 @@ def test_filtered_pages_read_their_runs_through_an_index(db_url: str) -> None:
         if not sqlite:  # what autovacuum does after a bulk load
             with db.engine.begin() as conn:
                 conn.exec_driver_sql("ANALYZE")
-        walks = [(RunFilters(status=[Status.FAILED]), "ix_jobs_status_created")]
-        if not sqlite:
-            walks.append((RunFilters(experiment="beta"), "ix_jobs_created"))
+        walks = [
+            (RunFilters(status=[Status.FAILED]), "ix_jobs_status_created"),
+            (RunFilters(experiment="beta"), "ix_runs_experiment_listed"),
+            (RunFilters(sweep=uuid.uuid4()), "ix_runs_sweep_listed"),
+        ]
         for filters, index in walks:
             plan = _listed_plan(db, *_statement_of(db, filters))
             assert any(index in line for line in plan), plan
-            assert not any("TEMP B-TREE" in line or "Sort" in line or "Seq Scan on jobs" in line for line in plan), plan
-        plan = _listed_plan(db, *_statement_of(db, RunFilters(sweep=uuid.uuid4())))
-        assert any("ix_runs_sweep_id" in line for line in plan), plan
+            assert not any(
+                step in line
+                for step in ("TEMP B-TREE", "Sort", "Seq Scan on jobs", "Seq Scan on runs")
+                for line in plan
+            ), plan
+        with db.sessions() as session:
+            _first, token = list_runs(session, RunFilters(experiment="beta"), 300)
+        plan = _listed_plan(db, *_statement_of(db, RunFilters(experiment="beta", page_token=token)))
+        bound = "(experiment_id=? AND (listed_at,id)<(?,?))" if sqlite else "ROW(listed_at, id) < ROW("
+        assert any("ix_runs_experiment_listed" in line for line in plan), plan
+        assert any(bound in line for line in plan), plan  # the cursor bounds the index walk
     finally:
         db.dispose()
 
@@ -267,6 +276,8 @@ def test_a_submission_to_a_committed_experiment_only_writes_and_a_rolled_back_on
             ).scalars()
             (owner,) = list(owners)
             assert session.scalar(sa.select(Experiment.name).where(Experiment.id == owner)) == body.experiment
+            keys = session.execute(sa.select(Run.created_at, Run.listed_at).where(Run.id == second.id)).one()
+            assert keys == (second.created_at, second.created_at)  # the run's list key is its job's created_at
     finally:
         db.dispose()
 

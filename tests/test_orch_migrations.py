@@ -1,5 +1,5 @@
 """Schema migrations keep every row: a database filled at revision 0002 (runs and evaluations as separate
-records) upgrades to the job layer (0003) on SQLite and PostgreSQL with nothing lost."""
+records) upgrades to the job layer (0003), and on to the head, on SQLite and PostgreSQL with nothing lost."""
 
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ def test_upgrade_to_the_job_layer_keeps_every_row(db_url: str) -> None:
             assert run is not None and retry is not None
             assert (run.status, run.status_reason, run.requeues, run.created_by) == ("failed", "run ended", 1, "alice")
             assert run.folder == f"/srv/runs/{ids['run']}" and run.output_dir == f"/srv/runs/{ids['run']}/train"
+            assert run.listed_at == retry.listed_at == run.created_at == T0 + timedelta(minutes=1)  # 0008's list key
             assert retry.retry_of_id == run.id and [c.id for c in retry.checkpoints] == [ids["ckpt"]]
             assert [(a.number, a.backend_job_id, a.accelerator_seconds) for a in run.attempts] == [
                 (1, "job-1", 60.0),

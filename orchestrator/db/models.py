@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    event,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -122,7 +123,11 @@ class Run(Job):
     """A pretraining run."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_experiment", "experiment_id"),)
+    # a page of one experiment or sweep walks its index newest first (an index cannot span jobs and runs)
+    __table_args__ = (
+        Index("ix_runs_experiment_listed", "experiment_id", "listed_at", "id"),
+        Index("ix_runs_sweep_listed", "sweep_id", "listed_at", "id"),
+    )
     __mapper_args__ = {"polymorphic_identity": "train", "polymorphic_load": "inline"}  # noqa: RUF012 (read once by the mapper)
 
     id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
@@ -132,12 +137,14 @@ class Run(Job):
     config: Mapped[dict[str, Any]] = mapped_column()
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
     retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id"))
-    sweep_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    sweep_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sweeps.id"))
     arm: Mapped[str | None] = mapped_column(String(100))  # trials of a sweep: the arm and the paired seed
     seed: Mapped[int | None] = mapped_column(Integer)
     output_dir: Mapped[str] = mapped_column(Text)
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: the job's created_at (it never changes), copied here so the run indexes can order by it
+    listed_at: Mapped[datetime] = mapped_column()
 
     experiment: Mapped[Experiment] = relationship(back_populates="runs")
     checkpoints: Mapped[list[Checkpoint]] = relationship(
@@ -155,6 +162,13 @@ class Trial(Run):
     concurrency cap and budget at launch and its MLflow run is a child of the sweep's."""
 
     __mapper_args__ = {"polymorphic_identity": "trial"}  # noqa: RUF012 (read once by the mapper)
+
+
+@event.listens_for(Run, "before_insert", propagate=True)
+def _copy_listed_at(_mapper: Any, _connection: Any, run: Run) -> None:
+    """Runs the ORM inserts get the same list key as submissions, which write both columns themselves."""
+    created: datetime | None = run.created_at  # unset until the job's column default runs, unless given
+    run.created_at = run.listed_at = created or utcnow()
 
 
 class Search(Job):
