@@ -95,6 +95,7 @@ def test_every_page_once_in_order_with_filters(db_url: str) -> None:
         failed_beta = walk(db, status=[Status.FAILED], experiment="beta")
         expected = {ids[i] for i in range(COUNT) if i % 3 == 0 and i % 2 == 1}
         assert set(failed_beta) == expected and len(failed_beta) == len(expected)
+        assert walk(db, experiment="gamma") == []  # an experiment that does not exist has no runs
     finally:
         db.dispose()
 
