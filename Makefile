@@ -46,7 +46,7 @@ study-16ep-5seeds: study-16ep
 	$(BIN)/orchestrator study-pool results/paper_core_tiny_16ep results/paper_core_tiny_16ep_seeds34 \
 		--out results/paper_core_tiny_16ep_5seeds --name paper-core-tiny-16ep-5seeds
 
-# The k ablation at 16 epochs: three seeds as three sweeps (about 1 h 40 min each on 2 cores; rerun to resume),
+# The k ablation at 16 epochs: three seeds as three sweeps (64-100 min each on 2 cores; rerun to resume),
 # then one analysis of all of them: results/paper_k_tiny_16ep/
 study-k-16ep: setup
 	@test -d data/composites-study/pretrain || $(BIN)/python -m evaluator.composites study --out data/composites-study
