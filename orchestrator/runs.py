@@ -263,7 +263,7 @@ def submit_run(
         kind=str(model.__mapper__.polymorphic_identity),
     )
     job = {c: getattr(run, c) for c in _JOB_COLUMNS} | {"mlflow_synced": False}
-    row = {c: getattr(run, c) for c in _RUN_COLUMNS} | {"experiment_id": experiment_id, "listed_at": now}
+    row = {c: getattr(run, c) for c in _RUN_COLUMNS} | {"experiment_id": experiment_id, "listed_at": run.created_at}
     submitted: dict[str, Any] = {"preset": body.preset, "overrides": list(body.overrides)} if body.preset else {}
     event = event_row(run.id, "transition", actor, reason, None, Status.QUEUED.value, submitted)
     if session.get_bind().dialect.name == "postgresql":  # one statement, one round trip
