@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.launchers.base import JobSpec, JobState, LauncherError, Resources
-from orchestrator.launchers.ray import CLUSTER_FILE, RayLauncher, _alive, _session_members
+from orchestrator.launchers.ray import CLUSTER_FILE, RayLauncher, _alive, _free_ports, _session_members
 from tests.launcher_support import (
     ITERS_PER_EPOCH,
     SMALL,
@@ -157,3 +157,11 @@ def test_the_real_worker_trains_a_micro_run_to_completion(tmp_path: Path, launch
             and Path(result.manifest).exists()
         )
         assert {"start", "checkpoint", "end"} <= set(sink.kinds())
+
+
+def test_the_ports_of_a_local_cluster_are_distinct() -> None:
+    """Probed one at a time, a released port could be handed out twice, and Ray then refused to start
+    ("dashboard_agent_http is trying to use a port number ... used by other components")."""
+    for _ in range(20):
+        ports = _free_ports(11)
+        assert len(set(ports)) == 11 and all(1024 <= p <= 65535 for p in ports)

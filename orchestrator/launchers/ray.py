@@ -55,10 +55,14 @@ _PORT_OPTIONS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen, since a port released by one
+    probe may be handed out again to the next (two Ray components on one port stop the cluster from starting)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -166,7 +170,8 @@ class RayLauncher:
             return self._address
 
     def _start_local(self) -> str:
-        ports = {option: _free_port() for option in _PORT_OPTIONS}
+        *chosen, dashboard_metrics, autoscaler_metrics = _free_ports(len(_PORT_OPTIONS) + 2)
+        ports = dict(zip(_PORT_OPTIONS, chosen, strict=True))
         dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
         temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
         command = [
@@ -198,8 +203,8 @@ class RayLauncher:
                 "RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_wait_s),
                 # a queued job waits for resources instead of failing after Ray's default 15 minutes
                 "RAY_JOB_START_TIMEOUT_SECONDS": str(7 * 24 * 3600),
-                "DASHBOARD_METRIC_PORT": str(_free_port()),
-                "AUTOSCALER_METRIC_PORT": str(_free_port()),
+                "DASHBOARD_METRIC_PORT": str(dashboard_metrics),
+                "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics),
             }
         )
         log_path = self.state_dir / "local-cluster.log"
