@@ -257,6 +257,7 @@ def _distributed_worker(rank: int, world: int, strategy: str, port: int, out_dir
             torch.save(result, out / f"{strategy}.pt")
         elif strategy == "fsdp":
             full_state_dict(engine.teacher)  # the gather is collective
+        dist.barrier()  # leave together: a rank that tears gloo down while its peer still talks to it aborts
     finally:
         dist.destroy_process_group()
 

@@ -239,6 +239,7 @@ def _voter(rank: int, port: int, raised_at: int, results: Any) -> None:
     vote = StopVote(DistInfo(rank, 2, rank))
     seen = [vote(rank == 1 and step >= raised_at, rank == 0 and step == 0) for step in range(6)]
     results[rank] = (seen, vote.settle())
+    dist.barrier()  # leave together, as train() does
     dist.destroy_process_group()
 
 
