@@ -279,7 +279,7 @@ class OptimConfig(_Section):
 
 
 #: The multi-crop pipelines (trainer/data/augment.py builds each).
-AugmentBackend = Literal["pil", "tensor"]
+AugmentBackend = Literal["pil", "tensor", "device"]
 
 
 class DataConfig(_Section):
@@ -300,7 +300,9 @@ class DataConfig(_Section):
         "pil",
         description="Multi-crop pipeline. 'pil' (faithful default): PIL decode and the official PIL transforms; "
         "'tensor': torchvision.io decode and transforms.v2 on uint8 tensors (blur stays PIL's), faster per "
-        "loader core, the same recipe with different random draws.",
+        "loader core, the same recipe with different random draws; 'device': the loader decodes, crops and "
+        "flips, the colour jitter, grey-scale, blur, solarisation and normalisation run per batch on the "
+        "training device (for GPU trainers whose loader cores cannot keep up).",
     )
 
 

@@ -30,6 +30,7 @@ from trainer.checkpoint import (
     strip_prefixes,
 )
 from trainer.config import TrainConfig
+from trainer.data.augment import build_device_stage
 from trainer.data.loader import build_loader, close_loader
 from trainer.diagnostics import Collapse, CollapseDetector, ratios
 from trainer.distributed import (
@@ -204,6 +205,7 @@ def _train(
 
     # ============ data ============
     loader, sampler = build_loader(cfg, info.rank, info.world_size, pin_memory=device.type == "cuda")
+    to_device = build_device_stage(cfg.crops, cfg.data.augment_backend)
     closing.callback(close_loader, loader)  # however training ends
     iters_per_epoch = sampler.batches_per_epoch
     total_iters = cfg.optim.epochs * iters_per_epoch
@@ -328,7 +330,7 @@ def _train(
                 batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True)
             for crops, _labels in batches:
                 it = iteration
-                crops = [c.to(device, non_blocking=True) for c in crops]
+                crops = to_device(crops, device)
                 batch = crops[0].shape[0]
                 logs_now = (it + 1) % cfg.logging.log_every == 0 or it + 1 == total_iters
                 step = engine.step(

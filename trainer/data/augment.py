@@ -1,9 +1,11 @@
 """DINO's multi-crop augmentation (spec 1.3) with configurable crop sizes, counts and scales.
 
-Two builders of the same recipe: `pil` (the official code's PIL pipeline, the default) and `tensor`
-(torchvision.transforms.v2 on uint8 CHW tensors, for images decoded by torchvision.io.decode_jpeg). Both give
-2 global + N local float32 crops normalised with the ImageNet statistics; their random draws differ, so the
-same seed gives different (equally distributed) crops in the two backends.
+Three builders of the same recipe: `pil` (the official code's PIL pipeline, the default), `tensor`
+(torchvision.transforms.v2 on uint8 CHW tensors, for images decoded by torchvision.io.decode_jpeg) and `device`
+(the loader crops and flips uint8 tensors and draws the colour parameters; the training process applies them
+to whole batches on its device, `trainer.data.photometric`). All give 2 global + N local float32 crops
+normalised with the ImageNet statistics once `build_device_stage`'s function has run in the training process;
+their random draws differ, so the same seed gives different (equally distributed) crops in each backend.
 """
 
 from __future__ import annotations
@@ -17,9 +19,24 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
 from trainer.config import AugmentBackend, CropsConfig
+from trainer.data.photometric import (
+    FACTORS,
+    GREY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JITTER,
+    ORDER,
+    PARAMS,
+    SIGMA,
+    SOLARIZE,
+    BatchPhotometric,
+    DeviceViews,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ColorJitter strengths (brightness, contrast, saturation, hue) and the probabilities of jitter and grey-scale.
+JITTER_STRENGTH, JITTER_P, GREY_P = (0.4, 0.4, 0.2, 0.1), 0.8, 0.2
+#: (blur probability, solarisation probability) of the first global view, the second and every local one.
+GLOBAL1, GLOBAL2, LOCAL = (1.0, 0.0), (0.1, 0.2), (0.5, 0.0)
 
 
 class GaussianBlur:
@@ -52,9 +69,9 @@ class MultiCropAugmentation:
             [
                 transforms.RandomHorizontalFlip(p=0.5),
                 transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                    [transforms.ColorJitter(*JITTER_STRENGTH)], p=JITTER_P
                 ),
-                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomGrayscale(p=GREY_P),
             ]
         )
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -72,7 +89,7 @@ class MultiCropAugmentation:
             [
                 crop(crops.global_size, crops.global_scale),
                 flip_and_color_jitter,
-                blur(1.0),
+                blur(GLOBAL1[0]),
                 normalize,
             ]
         )
@@ -80,8 +97,8 @@ class MultiCropAugmentation:
             [
                 crop(crops.global_size, crops.global_scale),
                 flip_and_color_jitter,
-                blur(0.1),
-                Solarization(0.2),
+                blur(GLOBAL2[0]),
+                Solarization(GLOBAL2[1]),
                 normalize,
             ]
         )
@@ -90,7 +107,7 @@ class MultiCropAugmentation:
             [
                 crop(crops.local_size, crops.local_scale),
                 flip_and_color_jitter,
-                blur(0.5),
+                blur(LOCAL[0]),
                 normalize,
             ]
         )
@@ -143,20 +160,20 @@ class TensorMultiCropAugmentation:
                 [
                     v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
                     v2.RandomHorizontalFlip(p=0.5),
-                    v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                    v2.RandomGrayscale(p=0.2),
+                    v2.RandomApply([v2.ColorJitter(*JITTER_STRENGTH)], p=JITTER_P),
+                    v2.RandomGrayscale(p=GREY_P),
                     *extra,
                     v2.ToDtype(torch.float32, scale=True),
                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                 ]
             )
 
-        self.global_transfo1 = view(crops.global_size, crops.global_scale, blur(1.0))
+        self.global_transfo1 = view(crops.global_size, crops.global_scale, blur(GLOBAL1[0]))
         self.global_transfo2 = view(
-            crops.global_size, crops.global_scale, blur(0.1), v2.RandomSolarize(threshold=128, p=0.2)
+            crops.global_size, crops.global_scale, blur(GLOBAL2[0]), v2.RandomSolarize(threshold=128, p=GLOBAL2[1])
         )
         self.local_crops_number = crops.local_number
-        self.local_transfo = view(crops.local_size, crops.local_scale, blur(0.5))
+        self.local_transfo = view(crops.local_size, crops.local_scale, blur(LOCAL[0]))
 
     def __call__(self, image: torch.Tensor | Image.Image) -> list[torch.Tensor]:
         if isinstance(image, Image.Image):
@@ -168,10 +185,72 @@ class TensorMultiCropAugmentation:
         return views
 
 
-def build_augmentation(crops: CropsConfig, backend: Backend = "pil") -> Callable[[Any], list[torch.Tensor]]:
-    """The multi-crop augmentation of a backend: 'pil' (official) or 'tensor' (v2 on uint8 tensors)."""
+class DeviceMultiCropAugmentation:
+    """The loader's half of the `device` backend: each view cropped, resized and flipped as uint8 (v2), and the
+    draws of its colour half (applied per batch by `BatchPhotometric`) as one parameter row per view.
+
+    The draws follow MultiCropAugmentation: jitter with p 0.8 (its four operations in a random order, factors
+    uniform within the strengths), grey-scale p 0.2, blur radius ~ U[crops.blur_radius] with p 1.0 / 0.1 / 0.5
+    (first global / second global / local views), solarisation p 0.2 on the second global view only.
+    """
+
+    def __init__(self, crops: CropsConfig) -> None:
+        from torchvision.transforms import v2
+
+        def geometry(size: int, scale: tuple[float, float]) -> v2.Compose:
+            crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            return v2.Compose([crop, v2.RandomHorizontalFlip(p=0.5)])
+
+        first, second = geometry(crops.global_size, crops.global_scale), geometry(crops.global_size, crops.global_scale)
+        local = geometry(crops.local_size, crops.local_scale)
+        self.views = [(first, *GLOBAL1), (second, *GLOBAL2)] + [(local, *LOCAL)] * crops.local_number
+        self.blur_radius = crops.blur_radius
+        strengths = torch.tensor(JITTER_STRENGTH)
+        centre = torch.tensor([1.0, 1.0, 1.0, 0.0])  # hue shifts around 0, the others scale around 1
+        self.factor_low, self.factor_span = centre - strengths, 2 * strengths
+
+    def __call__(self, image: torch.Tensor | Image.Image) -> DeviceViews:
+        if isinstance(image, Image.Image):
+            from torchvision.transforms.v2.functional import pil_to_tensor
+
+            image = pil_to_tensor(image.convert("RGB"))
+        crops = [transform(image) for transform, _, _ in self.views]
+        params = torch.stack([self.draw(blur_p, solarize_p) for _, blur_p, solarize_p in self.views])
+        return DeviceViews(crops, params)
+
+    def draw(self, blur_p: float, solarize_p: float) -> torch.Tensor:
+        """One view's colour parameters (torch's RNG, so the per-sample seed fixes them)."""
+        row = torch.zeros(PARAMS)
+        coins = torch.rand(4)
+        row[JITTER] = float(coins[0] < JITTER_P)
+        row[ORDER] = torch.randperm(4).float()
+        row[FACTORS] = self.factor_low + self.factor_span * torch.rand(4)
+        row[GREY] = float(coins[1] < GREY_P)
+        low, high = self.blur_radius
+        row[SIGMA] = float(low + (high - low) * torch.rand(())) if coins[2] < blur_p else 0.0
+        row[SOLARIZE] = float(coins[3] < solarize_p)
+        return row
+
+
+def build_augmentation(crops: CropsConfig, backend: Backend = "pil") -> Callable[[Any], Any]:
+    """The loader's multi-crop augmentation of a backend: 'pil' (official), 'tensor' (v2 on uint8 tensors) or
+    'device' (geometry here, colour per batch on the training device)."""
     if backend == "pil":
         return MultiCropAugmentation(crops)
     if backend == "tensor":
         return TensorMultiCropAugmentation(crops)
-    raise ValueError(f"unknown augmentation backend {backend!r}; choose 'pil' or 'tensor'")
+    if backend == "device":
+        return DeviceMultiCropAugmentation(crops)
+    raise ValueError(f"unknown augmentation backend {backend!r}; choose 'pil', 'tensor' or 'device'")
+
+
+def move_views(views: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [view.to(device, non_blocking=True) for view in views]
+
+
+def build_device_stage(crops: CropsConfig, backend: Backend = "pil") -> Callable[[Any, torch.device], list[torch.Tensor]]:
+    """What the training process does with a collated batch of views: move it to the device, and for the
+    'device' backend run the recipe's colour half there."""
+    if backend == "device":
+        return BatchPhotometric(crops.blur_radius[1])
+    return move_views

@@ -3,7 +3,8 @@
 The sampler shuffles each epoch from (seed, epoch) like DistributedSampler and can start mid-epoch; the
 augmentation of every sample is seeded from (seed, epoch, index), independent of workers and processes.
 `backend="tensor"` decodes image folders with torchvision.io (uint8 tensors) and augments with the v2
-pipeline of `trainer.data.augment`; "pil" (default) is the official PIL pipeline.
+pipeline of `trainer.data.augment`, "device" decodes alike and leaves the colour work to the training process;
+"pil" (default) is the official PIL pipeline.
 """
 
 from __future__ import annotations
@@ -52,18 +53,16 @@ def decode_rgb(path: str | Path) -> torch.Tensor:
     return image
 
 
-class SeededMultiCrop(Dataset[tuple[list[torch.Tensor], int]]):
+class SeededMultiCrop(Dataset[tuple[Any, int]]):
     """Applies the multi-crop augmentation under RNG state derived from (seed, epoch, index)."""
 
-    def __init__(
-        self, dataset: Dataset[tuple[Any, int]], transform: Callable[[Any], list[torch.Tensor]], seed: int
-    ) -> None:
+    def __init__(self, dataset: Dataset[tuple[Any, int]], transform: Callable[[Any], Any], seed: int) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         epoch, index = key
         image, label = self.dataset[index]
         seed = sample_seed(self.seed, epoch, index)
@@ -136,12 +135,12 @@ def close_loader(loader: DataLoader[Any]) -> None:
 
 def build_loader(
     cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False
-) -> tuple[DataLoader[tuple[list[torch.Tensor], int]], EpochBatchSampler]:
+) -> tuple[DataLoader[tuple[Any, int]], EpochBatchSampler]:
     """The training stream; `data.augment_backend` picks the decode + augmentation pipeline ('pil' is the
-    official one)."""
+    official one). Its batches go to the device through `build_device_stage` of the same backend."""
     backend = cfg.data.augment_backend
     raw: Dataset[tuple[Any, int]] = build_dataset(cfg.data)
-    if backend == "tensor" and isinstance(raw, ImageFolder):
+    if backend in ("tensor", "device") and isinstance(raw, ImageFolder):
         raw = TensorImageFolder(raw)
     if cfg.data.max_samples is not None and cfg.data.max_samples < len(raw):  # type: ignore[arg-type]
         raw = Subset(raw, range(cfg.data.max_samples))
