@@ -6,8 +6,11 @@ ImageNet-like sizes (short side 400-500 px, JPEG quality 90) in an ImageNet-layo
 (data/loader-bench/train/<class>/*.JPEG, git-ignored; rebuilt when missing).
 
 Measured per backend (pil = the official PIL pipeline; tensor = torchvision.io.decode_jpeg + transforms.v2 on
-uint8 tensors), with the preset's crops (default selfpatch_vits16: 2 x 224 + 8 x 96):
-  * per core: decode only, then decode + all crops, in this process on one torch thread;
+uint8 tensors; device = the same decode, crops and flips in the loader, the colour work per batch in the
+training process), with the preset's crops (default selfpatch_vits16: 2 x 224 + 8 x 96):
+  * per core: decode only, then decode + all of the loader's work, in this process on one torch thread;
+  * the device backend's colour stage per batch, on one CPU thread and on CUDA where it exists (the training
+    process pays it, not the loader);
   * DataLoader with num_workers 0/1/2 (the trainer's SeededMultiCrop + EpochBatchSampler), img/s in total;
   * pinned-memory prefetch (pin_memory=True) and the host-to-device copy, only where CUDA exists;
   * the trainer's img/s for the same preset (`Engine.step` on synthetic crops, benchmarks/train_step.py's
@@ -36,6 +39,7 @@ sys.path.insert(0, str(REPO))
 SOURCES = REPO / "data" / "composite-sources"
 DEFAULT_OUT = REPO / "data" / "loader-bench"
 CORES = 16  # the GPU machines' core count, for the extrapolation column
+BACKENDS = ("pil", "tensor", "device")
 
 
 def source_photos(root: Path = SOURCES, min_bytes: int = 50_000) -> list[Path]:
@@ -136,12 +140,14 @@ def through_loader(
     """(img/s over `batches` batches after the first, seconds to the first batch) of the trainer's loader."""
     import torch
 
+    from trainer.data.augment import build_device_stage
     from trainer.data.loader import build_loader
 
     torch.set_num_threads(1)
     cfg = train_config(preset, folder, batch, workers)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment_backend": backend})})
     loader, sampler = build_loader(cfg, pin_memory=pin)
+    to_device = build_device_stage(cfg.crops, cfg.data.augment_backend)
     sampler.set_epoch(0)
     start = time.perf_counter()
     iterator = iter(loader)
@@ -150,15 +156,46 @@ def through_loader(
     start = time.perf_counter()
     seen = 0
     for _ in range(batches):
-        crops, _labels = next(iterator)
+        crops, labels = next(iterator)
         if pin and torch.cuda.is_available():
-            [c.to("cuda", non_blocking=True) for c in crops]
-        seen += crops[0].shape[0]
+            to_device(crops, torch.device("cuda"))
+        seen += len(labels)
     if pin and torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     del iterator, loader
     return seen / elapsed, first_s
+
+
+def colour_stage_rate(preset: str, batch: int, device: str, repeats: int = 5) -> float:
+    """img/s of the device backend's colour stage (jitter, grey, blur, solarise, normalise of every view) on
+    collated uint8 views of `batch` images, best of `repeats`."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from trainer.data.augment import DeviceMultiCropAugmentation, build_device_stage
+    from trainer.presets import load_config
+
+    torch.set_num_threads(1)
+    crops = load_config(preset).crops
+    augment = DeviceMultiCropAugmentation(crops)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 450, 600), dtype=torch.uint8)
+    batch_views = default_collate([augment(image) for _ in range(batch)])
+    target = torch.device(device)
+    views = type(batch_views)([v.to(target) for v in batch_views.views], batch_views.params.to(target))
+    stage = build_device_stage(crops, "device")
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        stage(views, target)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call warms up
+            best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
 def copy_rate(preset: str, batch: int) -> tuple[float, float]:
@@ -205,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="DataLoader batch")
     parser.add_argument("--batches", type=int, default=6, help="timed batches per DataLoader row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--backends", nargs="+", default=["pil", "tensor"], choices=["pil", "tensor"])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer-step measurement")
     parser.add_argument("--trainer-batch", type=int, default=8, help="trainer batch on CPU (as train_step.py)")
     parser.add_argument("--gpu-img-s", type=float, default=None, help="a GPU trainer img/s to compare with")
@@ -242,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = rows.get("pil", next(iter(rows.values())))
     print(f"\nper core (1 torch thread, best of {args.repeats}), {args.images} images, mean {base['kb']:.0f} KB/JPEG")
-    print(f"{'backend':<8} {'decode img/s':>13} {'decode+crops img/s':>19} {'vs pil':>7} {f'{CORES}-core est.':>14}")
+    print(f"{'backend':<8} {'decode img/s':>13} {'loader work img/s':>19} {'vs pil':>7} {f'{CORES}-core est.':>14}")
     for backend, r in rows.items():
         ratio = r["full"] / base["full"]
         print(f"{backend:<8} {r['decode']:>13.1f} {r['full']:>19.1f} {ratio:>6.2f}x {CORES * r['full']:>14.0f}")
@@ -261,9 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("pin_memory: not measured (no CUDA device here; the trainer pins only on CUDA)")
 
+    stage_rates = {"cpu, 1 thread": colour_stage_rate(args.preset, args.batch, "cpu")} if "device" in rows else {}
+    if "device" in rows and torch.cuda.is_available():
+        stage_rates["cuda"] = colour_stage_rate(args.preset, 64, "cuda")
+    for where, rate in stage_rates.items():
+        print(f"device backend's colour stage ({where}): {rate:.0f} img/s (the training process pays it)")
+
     best = max(rows.values(), key=lambda r: r["full"])
     print(f"\ntrainer vs loader, preset {args.preset}")
-    print(f"{'trainer':<40} {'img/s':>8} {'pil cores':>10} {'tensor cores':>13}")
+    print(f"{'trainer':<40} {'img/s':>8} " + " ".join(f"{f'{b} cores':>13}" for b in rows))
     targets: list[tuple[str, float]] = []
     if not args.no_trainer:
         for method in ("dino", "selfpatch"):
@@ -272,10 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_img_s:
         targets.append(("GPU (given with --gpu-img-s)", args.gpu_img_s))
     for label, rate in targets:
-        cores = [rate / rows[b]["full"] if b in rows else float("nan") for b in ("pil", "tensor")]
-        print(f"{label:<40} {rate:>8.1f} {cores[0]:>10.2f} {cores[1]:>13.2f}")
+        print(f"{label:<40} {rate:>8.1f} " + " ".join(f"{rate / r['full']:>13.2f}" for r in rows.values()))
     print(
-        f"cores = trainer img/s / per-core decode+crops img/s (linear scaling assumed); best per-core rate "
+        f"cores = trainer img/s / per-core loader img/s (linear scaling assumed); best per-core rate "
         f"{best['full']:.1f} img/s -> {CORES} cores ~ {CORES * best['full']:.0f} img/s"
     )
     return 0

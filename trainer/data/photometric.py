@@ -15,6 +15,8 @@ here). Branch-free (`torch.where` over per-sample masks), so a batch never waits
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -115,6 +117,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
 class BatchPhotometric:
     """The colour half of the multi-crop recipe on collated `DeviceViews`: jitter, grey, blur, solarise, normalise.
 
+    Each operation runs only on the samples drawn for it: the subsets are read from the parameters while they
+    are still on the host (the loader's tensor), and their indices reach the device in one copy per crop group,
+    so the device never waits on the host and no sample is computed for an operation it does not get.
     `max_blur_radius` (the upper end of `crops.blur_radius`) sizes the blur window at three standard deviations.
     """
 
@@ -122,24 +127,60 @@ class BatchPhotometric:
         self.window = max(1, math.ceil(3.0 * max_blur_radius))
 
     def __call__(self, batch: DeviceViews, device: torch.device) -> list[torch.Tensor]:
+        host = batch.params.cpu()
         params = batch.params.to(device, non_blocking=True)
         return [
-            self.view(crop.to(device, non_blocking=True), params[:, v]) for v, crop in enumerate(batch.views)
+            self.view(crop.to(device, non_blocking=True), params[:, v], host[:, v])
+            for v, crop in enumerate(batch.views)
         ]
 
-    def view(self, crop: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """One crop group: (B, 3, H, W) uint8 and its (B, PARAMS) draws -> normalised float32."""
+    def view(self, crop: torch.Tensor, params: torch.Tensor, host: torch.Tensor | None = None) -> torch.Tensor:
+        """One crop group: (B, 3, H, W) uint8 and its (B, PARAMS) draws -> normalised float32.
+
+        `host` is a host copy of `params` (taken from `params` when not given, which waits for a device)."""
+        host = params.cpu() if host is None else host
+        jitter = host[:, JITTER] > 0
+        masks = [jitter & (host[:, ORDER][:, position] == op_id) for position in range(4) for op_id in range(4)]
+        masks += [host[:, GREY] > 0, host[:, SIGMA] > 0, host[:, SOLARIZE] > 0]
+        subsets = _to_device([mask.nonzero().squeeze(1) for mask in masks], len(host), crop.device)
+        adjusts = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        factors = params[:, FACTORS].reshape(-1, 4, 1, 1, 1)
         x = crop.float() / 255.0
-        column = params.view(-1, PARAMS, 1, 1, 1)  # column[:, j] broadcasts over (3, H, W)
-        jitter = column[:, JITTER] > 0
-        factors = column[:, FACTORS]
         for position in range(4):
-            op = column[:, ORDER][:, position]
-            for op_id, adjust in enumerate((adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)):
-                x = torch.where(jitter & (op == op_id), adjust(x, factors[:, op_id]), x)
-        x = torch.where(column[:, GREY] > 0, grey(x).expand_as(x), x)
-        x = gaussian_blur(x, params[:, SIGMA], self.window)
-        x = torch.where((column[:, SOLARIZE] > 0) & (x >= 128 / 255), 1.0 - x, x)
+            for op_id, adjust in enumerate(adjusts):
+                x = _on(x, subsets[4 * position + op_id], adjust, factors[:, op_id])
+        grey_subset, blur_subset, solarize_subset = subsets[16:]
+        x = _on(x, grey_subset, lambda sub, _: grey(sub).expand_as(sub), params)
+        x = _on(x, blur_subset, partial(gaussian_blur, radius=self.window), params[:, SIGMA])
+        x = _on(x, solarize_subset, lambda sub, _: torch.where(sub >= 128 / 255, 1.0 - sub, sub), params)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+def _to_device(indices: list[torch.Tensor], batch: int, device: torch.device) -> list[torch.Tensor | None]:
+    """Index tensors on `device` in one (pinned, asynchronous) copy, None for a subset that is the whole batch.
+    Their lengths are known on the host, so splitting them waits for nothing."""
+    flat = torch.cat(indices)
+    if device.type != "cpu":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    parts: list[torch.Tensor | None] = []
+    offset = 0
+    for index in indices:
+        parts.append(None if len(index) == batch else flat.narrow(0, offset, len(index)))
+        offset += len(index)
+    return parts
+
+
+def _on(
+    x: torch.Tensor,
+    index: torch.Tensor | None,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    per_sample: torch.Tensor,
+) -> torch.Tensor:
+    """x with fn(samples, their rows of per_sample) applied to the samples in `index` (None: all; empty: none)."""
+    if index is None:
+        return fn(x, per_sample)
+    if len(index) == 0:
+        return x
+    return x.index_copy(0, index, fn(x.index_select(0, index), per_sample.index_select(0, index)))
