@@ -183,4 +183,4 @@ def _on(
         return fn(x, per_sample)
     if len(index) == 0:
         return x
-    return x.index_copy(0, index, fn(x.index_select(0, index), per_sample.index_select(0, index)))
+    return x.index_copy_(0, index, fn(x.index_select(0, index), per_sample.index_select(0, index)))  # x is ours
