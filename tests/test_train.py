@@ -156,6 +156,30 @@ def test_training_stops_its_loader_workers_even_when_it_fails(tmp_path: Path) ->
     assert multiprocessing.active_children() == []
 
 
+def test_only_a_run_that_ended_leaves_the_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that raised must not destroy the group (peers waiting in a collective could block it); a rank
+    whose run ended, completed or interrupted, leaves it."""
+    import trainer.train as train_module
+    from trainer.callbacks import TrainResult
+    from trainer.distributed import DistInfo
+
+    left: list[DistInfo] = []
+    monkeypatch.setattr(train_module, "init_distributed", lambda device_type: DistInfo(1, 2, 1))
+    monkeypatch.setattr(train_module, "cleanup", left.append)
+    cfg = load_config("tiny_cpu", micro_overrides(tmp_path, "dino"))
+
+    def failing(*args: object) -> TrainResult:
+        raise RuntimeError("out of memory on rank 1")
+
+    monkeypatch.setattr(train_module, "_train", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(cfg)
+    assert left == []
+    ended = TrainResult(status="interrupted", epoch=0, iteration=3, checkpoint=None)
+    monkeypatch.setattr(train_module, "_train", lambda *args: ended)
+    assert train(cfg) is ended and left == [DistInfo(1, 2, 1)]
+
+
 def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: Path) -> None:
     import timm
     from safetensors.torch import load_file

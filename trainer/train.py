@@ -181,11 +181,13 @@ def train(config: TrainConfig | Mapping[str, Any], callbacks: Sequence[TrainCall
     info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        with ExitStack() as closing:
-            return _train(cfg, device, amp_dtype, info, list(callbacks) if info.is_main else [], closing)
-    finally:
-        cleanup(info)
+    with ExitStack() as closing:
+        result = _train(cfg, device, amp_dtype, info, list(callbacks) if info.is_main else [], closing)
+    # Only a run that ended leaves the process group. A rank that raised exits without it: destroying a group
+    # while the other ranks wait in a collective can block (NCCL) until the collective times out, and the
+    # launcher (torchrun, SLURM) stops the other ranks as soon as this one has exited.
+    cleanup(info)
+    return result
 
 
 def _train(
