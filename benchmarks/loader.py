@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO))
 SOURCES = REPO / "data" / "composite-sources"
 DEFAULT_OUT = REPO / "data" / "loader-bench"
 CORES = 16  # the GPU machines' core count, for the extrapolation column
-BACKENDS = ("pil", "tensor", "device")
 
 
 def source_photos(root: Path = SOURCES, min_bytes: int = 50_000) -> list[Path]:
@@ -168,8 +167,8 @@ def through_loader(
 
 
 def colour_stage_rate(preset: str, batch: int, device: str, repeats: int = 5) -> float:
-    """img/s of the device backend's colour stage (jitter, grey, blur, solarise, normalise of every view) on
-    collated uint8 views of `batch` images, best of `repeats`."""
+    """img/s of the device backend's colour stage (the copy to `device`, then jitter, grey, blur, solarise and
+    normalise of every view) on collated uint8 views of `batch` images, best of `repeats`."""
     import torch
     from torch.utils.data import default_collate
 
@@ -183,14 +182,13 @@ def colour_stage_rate(preset: str, batch: int, device: str, repeats: int = 5) ->
     image = torch.randint(0, 256, (3, 450, 600), dtype=torch.uint8)
     batch_views = default_collate([augment(image) for _ in range(batch)])
     target = torch.device(device)
-    views = type(batch_views)([v.to(target) for v in batch_views.views], batch_views.params.to(target))
     stage = build_device_stage(crops, "device")
     best = float("inf")
     for i in range(repeats + 1):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        stage(views, target)
+        stage(batch_views, target)  # with the host-to-device copy, as the trainer pays it
         if device == "cuda":
             torch.cuda.synchronize()
         if i:  # the first call warms up
@@ -235,6 +233,11 @@ def trainer_rate(preset: str, method: str, batch: int, steps: int) -> tuple[floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from typing import get_args
+
+    from trainer.config import AugmentBackend
+
+    backends = get_args(AugmentBackend)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="selfpatch_vits16", help="trainer preset whose crops are measured")
     parser.add_argument("--images", type=int, default=256, help="JPEGs in the benchmark folder")
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="DataLoader batch")
     parser.add_argument("--batches", type=int, default=6, help="timed batches per DataLoader row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=list(backends), choices=backends)
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer-step measurement")
     parser.add_argument("--trainer-batch", type=int, default=8, help="trainer batch on CPU (as train_step.py)")
     parser.add_argument("--gpu-img-s", type=float, default=None, help="a GPU trainer img/s to compare with")

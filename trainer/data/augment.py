@@ -138,6 +138,24 @@ class PilOnTensor:
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
 
+def as_uint8(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """A uint8 (3, H, W) RGB tensor; PIL images (Fashion-MNIST gives them) are converted."""
+    if isinstance(image, Image.Image):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        converted: torch.Tensor = pil_to_tensor(image.convert("RGB"))
+        return converted
+    return image
+
+
+def uint8_geometry(size: int, scale: tuple[float, float]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The recipe's RandomResizedCrop (bicubic, antialiased) and flip, as v2 transforms on uint8 tensors."""
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return [crop, v2.RandomHorizontalFlip(p=0.5)]
+
+
 class TensorMultiCropAugmentation:
     """The recipe of MultiCropAugmentation on uint8 (3, H, W) tensors with torchvision.transforms.v2.
 
@@ -149,7 +167,6 @@ class TensorMultiCropAugmentation:
     def __init__(self, crops: CropsConfig) -> None:
         from torchvision.transforms import v2
 
-        bicubic = v2.InterpolationMode.BICUBIC
         low, high = crops.blur_radius
 
         def blur(p: float) -> PilOnTensor:
@@ -158,8 +175,7 @@ class TensorMultiCropAugmentation:
         def view(size: int, scale: tuple[float, float], *extra: Callable[[torch.Tensor], torch.Tensor]) -> v2.Compose:
             return v2.Compose(
                 [
-                    v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
-                    v2.RandomHorizontalFlip(p=0.5),
+                    *uint8_geometry(size, scale),
                     v2.RandomApply([v2.ColorJitter(*JITTER_STRENGTH)], p=JITTER_P),
                     v2.RandomGrayscale(p=GREY_P),
                     *extra,
@@ -176,10 +192,7 @@ class TensorMultiCropAugmentation:
         self.local_transfo = view(crops.local_size, crops.local_scale, blur(LOCAL[0]))
 
     def __call__(self, image: torch.Tensor | Image.Image) -> list[torch.Tensor]:
-        if isinstance(image, Image.Image):
-            from torchvision.transforms.v2.functional import pil_to_tensor
-
-            image = pil_to_tensor(image.convert("RGB"))
+        image = as_uint8(image)
         views: list[torch.Tensor] = [self.global_transfo1(image), self.global_transfo2(image)]
         views += [self.local_transfo(image) for _ in range(self.local_crops_number)]
         return views
@@ -198,8 +211,7 @@ class DeviceMultiCropAugmentation:
         from torchvision.transforms import v2
 
         def geometry(size: int, scale: tuple[float, float]) -> v2.Compose:
-            crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-            return v2.Compose([crop, v2.RandomHorizontalFlip(p=0.5)])
+            return v2.Compose(uint8_geometry(size, scale))
 
         first, second = geometry(crops.global_size, crops.global_scale), geometry(crops.global_size, crops.global_scale)
         local = geometry(crops.local_size, crops.local_scale)
@@ -210,10 +222,7 @@ class DeviceMultiCropAugmentation:
         self.factor_low, self.factor_span = centre - strengths, 2 * strengths
 
     def __call__(self, image: torch.Tensor | Image.Image) -> DeviceViews:
-        if isinstance(image, Image.Image):
-            from torchvision.transforms.v2.functional import pil_to_tensor
-
-            image = pil_to_tensor(image.convert("RGB"))
+        image = as_uint8(image)
         crops = [transform(image) for transform, _, _ in self.views]
         params = torch.stack([self.draw(blur_p, solarize_p) for _, blur_p, solarize_p in self.views])
         return DeviceViews(crops, params)

@@ -9,7 +9,7 @@ stream is still a pure function of (seed, epoch, index).
 
 Every operation matches torchvision's float functional op of the same name on each sample (tested); only
 the intermediate rounding differs from the uint8 pipelines (nothing is rounded to 8 bits between operations
-here). Branch-free (`torch.where` over per-sample masks), so a batch never waits on the host.
+here). Which samples each operation applies to is read from the draws on the host, so the device never waits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The columns of a view's parameter row (float32; flags are 0/1, the order holds operation ids 0-3).
 JITTER, ORDER, FACTORS, GREY, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11
 PARAMS = 12
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # operation ids, as torchvision's ColorJitter numbers them
 
 
 class DeviceViews(NamedTuple):
@@ -52,7 +51,7 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
+    return (factor * x).clamp(0.0, 1.0)  # a blend with black
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -68,6 +67,10 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h, s, v = _rgb_to_hsv(x).unbind(dim=-3)
     return _hsv_to_rgb(torch.stack(((h + shift.squeeze(-3)) % 1.0, s, v), dim=-3))
 
+
+
+#: The jitter operations by id, as torchvision's ColorJitter numbers them (the ids the order column holds).
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=-3)
@@ -143,11 +146,10 @@ class BatchPhotometric:
         masks = [jitter & (host[:, ORDER][:, position] == op_id) for position in range(4) for op_id in range(4)]
         masks += [host[:, GREY] > 0, host[:, SIGMA] > 0, host[:, SOLARIZE] > 0]
         subsets = _to_device([mask.nonzero().squeeze(1) for mask in masks], len(host), crop.device)
-        adjusts = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
         factors = params[:, FACTORS].reshape(-1, 4, 1, 1, 1)
         x = crop.float() / 255.0
         for position in range(4):
-            for op_id, adjust in enumerate(adjusts):
+            for op_id, adjust in enumerate(JITTER_OPS):
                 x = _on(x, subsets[4 * position + op_id], adjust, factors[:, op_id])
         grey_subset, blur_subset, solarize_subset = subsets[16:]
         x = _on(x, grey_subset, lambda sub, _: grey(sub).expand_as(sub), params)
